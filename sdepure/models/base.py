@@ -1,0 +1,87 @@
+"""One calling convention for every diffusion-model family.
+
+A DiffusionModel maps [-1, 1] images x and continuous times t in [0, 1] (a tensor of shape
+(batch,)) to eps(x, t), the noise prediction; score and the x0 prediction follow from it:
+    score(x, t) = -eps(x, t) / sqrt(1 - alpha_bar(t))
+    x0(x, t)    = (x - sqrt(1 - alpha_bar(t)) eps(x, t)) / sqrt(alpha_bar(t))
+Each checkpoint family is adapted by choosing how t is fed to its network (TIME_INPUTS).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import SdepureError
+from ..schedules import DiscreteVP, VPSchedule
+
+
+def _table(schedule: VPSchedule) -> DiscreteVP:
+    if not isinstance(schedule, DiscreteVP):
+        raise SdepureError("this time input needs a discrete (table) schedule")
+    return schedule
+
+
+# how each family feeds time to its network
+TIME_INPUTS: dict[str, Callable[[torch.Tensor, VPSchedule], torch.Tensor]] = {
+    "t": lambda t, s: t,                       # networks trained here on continuous t
+    "999t": lambda t, s: 999.0 * t,            # score_sde continuous VP
+    "1000t": lambda t, s: 1000.0 * t,          # DiffPure's feed to guided-diffusion
+    "index": lambda t, s: _table(s).index_of_time(t),                          # guided-diffusion
+    "index-rescaled": lambda t, s: _table(s).index_of_time(t) * 1000.0 / _table(s).T,  # improved-diffusion
+}
+
+
+class DiffusionModel(nn.Module):
+    """Base class: subclasses define eps (or score, overriding both)."""
+
+    def __init__(self, schedule: VPSchedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def _coefs(self, t: torch.Tensor, x: torch.Tensor):
+        ab = self.schedule.alpha_bar(t).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        _, std = self._coefs(t, x)
+        return -self.eps(x, t) / std
+
+    def x0(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        mean_coef, std = self._coefs(t, x)
+        return (x - std * self.eps(x, t)) / mean_coef
+
+
+class EpsNetModel(DiffusionModel):
+    """Adapter for a network net(x, time_input) -> eps (or 2C channels with learned variance).
+
+    t is clamped to >= t_min because eps / sqrt(1 - alpha_bar) is singular at t = 0; solvers that
+    evaluate the drift at the end of their last step (heun, midpoint, reversible_heun) reach it.
+    """
+
+    def __init__(self, net: nn.Module, schedule: VPSchedule, time_input: str = "t",
+                 learned_sigma: bool = False, t_min: float | None = None):
+        super().__init__(schedule)
+        if time_input not in TIME_INPUTS:
+            raise SdepureError(f"unknown time input {time_input!r}; choose from {', '.join(TIME_INPUTS)}")
+        self.net = net
+        self.time_input = time_input
+        self.learned_sigma = learned_sigma
+        if t_min is None:
+            t_min = 1.0 / schedule.T if isinstance(schedule, DiscreteVP) else 1e-3
+        self.t_min = float(t_min)
+
+    def eps(self, x, t):
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0]).clamp_min(self.t_min)
+        out = self.net(x, TIME_INPUTS[self.time_input](t, self.schedule).to(x.dtype))
+        if self.learned_sigma:
+            out = out[:, : x.shape[1]]
+        return out
+
+    def score(self, x, t):
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0]).clamp_min(self.t_min)
+        return super().score(x, t)

@@ -1,0 +1,113 @@
+"""Purifiers and the purified base classifier: DensePure, DiffPure, Carlini et al., none.
+
+A purifier maps images in [0, 1] that already carry Gaussian noise of level sigma (the
+smoothing noise) to purified images in [0, 1]. Noise sigma on [0, 1] is 2 sigma on the model's
+[-1, 1] scale, so x_t* = sqrt(alpha_bar(t*)) (2 x_noisy - 1) is exactly a forward-diffused sample
+at t* when alpha_bar(t*) = 1 / (1 + 4 sigma^2).
+
+| method    | purifier                                   | votes |
+| none      | identity                                   | 1     |
+| carlini   | one-shot x0 prediction at t*               | 1     |
+| diffpure  | one reverse-process solve from t*          | 1     |
+| densepure | K reverse solves with different noise      | K     |
+
+Vote tie rule: the most frequent label wins; among tied labels, the lowest class index.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import SdepureError
+from .models.base import DiffusionModel
+from .schedules import DiscreteVP
+from .solvers import check_solver, solve
+
+METHODS = ("none", "carlini", "diffpure", "densepure")
+DEFAULT_T_RULE = {"carlini": "first", "diffpure": "nearest", "densepure": "nearest"}
+
+
+class Identity(nn.Module):
+    def forward(self, x, seed: int):
+        return x
+
+
+class OneShot(nn.Module):
+    """Carlini et al.: the model's x0 prediction at t*, clipped to the image range."""
+
+    def __init__(self, model: DiffusionModel, t_star: float):
+        super().__init__()
+        self.model, self.t_star = model, float(t_star)
+
+    def forward(self, x, seed: int):
+        ab = float(self.model.schedule.alpha_bar(torch.tensor(self.t_star, dtype=torch.float64)))
+        xt = ab ** 0.5 * (2 * x - 1)
+        t = torch.full((x.shape[0],), self.t_star, dtype=x.dtype, device=x.device)
+        return (self.model.x0(xt, t).clamp(-1, 1) + 1) / 2
+
+
+class ReverseProcess(nn.Module):
+    """DiffPure's purifier: scale to x_t*, solve the reverse process to t = 0."""
+
+    def __init__(self, model: DiffusionModel, t_star: float, steps: int, solver: str = "euler"):
+        super().__init__()
+        check_solver(solver)
+        if steps < 1:
+            raise SdepureError(f"steps must be >= 1, got {steps}")
+        self.model, self.t_star, self.steps, self.solver = model, float(t_star), int(steps), solver
+
+    def forward(self, x, seed: int):
+        ab = float(self.model.schedule.alpha_bar(torch.tensor(self.t_star, dtype=torch.float64)))
+        xt = ab ** 0.5 * (2 * x - 1)
+        x0 = solve(self.model, xt, self.t_star, self.steps, seed, self.solver)
+        return (x0.clamp(-1, 1) + 1) / 2
+
+
+def majority_vote(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """labels (B, K) -> (B,): most frequent, ties to the lowest class index."""
+    counts = nn.functional.one_hot(labels, num_classes).sum(1)
+    return counts.argmax(1)  # argmax returns the first maximal index
+
+
+class PurifiedClassifier(nn.Module):
+    """Base classifier for smoothing: purify each input `votes` times, classify, vote."""
+
+    def __init__(self, purifier: nn.Module, classifier: nn.Module, num_classes: int, votes: int = 1):
+        super().__init__()
+        if votes < 1:
+            raise SdepureError(f"votes must be >= 1, got {votes}")
+        self.purifier, self.classifier = purifier, classifier
+        self.num_classes, self.votes = num_classes, int(votes)
+
+    def vote_logits(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """(B, K, classes) logits of the K purified copies of each input; row b*K + k is copy k of b."""
+        xr = x.repeat_interleave(self.votes, dim=0)
+        logits = self.classifier(self.purifier(xr, seed))
+        return logits.reshape(x.shape[0], self.votes, -1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        return majority_vote(self.vote_logits(x, seed).argmax(-1), self.num_classes)
+
+
+def t_star_for(schedule, sigma: float, method: str, rule: str | None = None) -> float:
+    if isinstance(schedule, DiscreteVP):
+        return schedule.t_star(sigma, rule or DEFAULT_T_RULE.get(method, "nearest"))
+    return schedule.t_star(sigma)
+
+
+def build(method: str, model: DiffusionModel | None, classifier: nn.Module, num_classes: int, sigma: float,
+          votes: int = 1, steps: int = 10, solver: str = "euler", t_rule: str | None = None) -> PurifiedClassifier:
+    """The purified classifier for `method` at smoothing noise `sigma`."""
+    if method not in METHODS:
+        raise SdepureError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method != "densepure" and votes != 1:
+        raise SdepureError(f"votes apply to densepure only (got votes={votes} with {method})")
+    if method == "none":
+        return PurifiedClassifier(Identity(), classifier, num_classes)
+    if model is None:
+        raise SdepureError(f"method {method} needs a diffusion model")
+    t_star = t_star_for(model.schedule, sigma, method, t_rule)
+    if method == "carlini":
+        return PurifiedClassifier(OneShot(model, t_star), classifier, num_classes)
+    return PurifiedClassifier(ReverseProcess(model, t_star, steps, solver), classifier, num_classes, votes)

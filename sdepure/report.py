@@ -1,0 +1,70 @@
+"""Results as files: certified-accuracy tables, the curve as PNG, a JSON summary."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+
+
+def default_radii(sigma: float, max_radius: float | None = None) -> list[float]:
+    top = max_radius if max_radius is not None else 4 * sigma
+    return [round(r, 4) for r in np.arange(0.0, top + 1e-9, 0.25)]
+
+
+def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii) -> list[float]:
+    """Share of images that are correctly classified with certified radius >= r, for each r."""
+    radius, correct = np.asarray(radius, dtype=float), np.asarray(correct, dtype=bool)
+    if len(radius) == 0:
+        return [float("nan") for _ in radii]
+    return [float(np.mean(correct & (radius >= r))) for r in radii]
+
+
+def format_table(rows: dict[str, list[float]], radii) -> str:
+    """Rows of certified accuracy (one per label) at the given radii, as aligned text."""
+    head = ["radius".ljust(12)] + [f"{r:>6.2f}" for r in radii]
+    lines = [" ".join(head)]
+    for name, accs in rows.items():
+        lines.append(" ".join([name.ljust(12)] + [f"{a:>6.3f}" for a in accs]))
+    return "\n".join(lines)
+
+
+def read_tsv(path: Path) -> dict[str, np.ndarray]:
+    cols: dict[str, list] = {}
+    with open(path) as fh:
+        header = fh.readline().rstrip("\n").split("\t")
+        for line in fh:
+            for k, v in zip(header, line.rstrip("\n").split("\t")):
+                cols.setdefault(k, []).append(float(v))
+    return {k: np.asarray(v) for k, v in cols.items()}
+
+
+def plot_curve(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> None:
+    """Certified accuracy against radius, one line per (radius, correct) pair of arrays."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for name, (radius, correct) in curves.items():
+        top = max(float(np.max(radius, initial=0.0)), 1e-3)
+        grid = np.linspace(0, top * 1.05, 200)
+        ax.plot(grid, certified_accuracy(radius, correct, grid), label=name)
+    ax.set_xlabel("L2 radius")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")

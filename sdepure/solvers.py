@@ -1,0 +1,106 @@
+"""Reverse-process solvers: pure functions of (model, x_t, time grid, seed) -> x at t_end.
+
+- torchsde methods on the reverse VP-SDE (`euler`, `milstein`, `heun`, `midpoint`,
+  `euler_heun`, `reversible_heun`), driven by a GridBrownian addressed by `seed`;
+- torchdiffeq methods on the probability-flow ODE (`ode-euler`, `ode-midpoint`, `ode-rk4`,
+  `ode-dopri5`), deterministic;
+- `ddpm`: DDPM ancestral sampling on a time subsequence, as DensePure's authors ran it.
+All take and return [-1, 1] images of any shape (batch first).
+"""
+from __future__ import annotations
+
+import torch
+import torchdiffeq
+import torchsde
+
+from .brownian import GridBrownian
+from .errors import SdepureError
+from .models.base import DiffusionModel
+from .schedules import DiscreteVP
+from .sde import ProbabilityFlowODE, ReverseVPSDE, time_grid
+
+SDE_METHODS = {"euler": "ito", "milstein": "ito", "heun": "stratonovich", "midpoint": "stratonovich",
+               "euler_heun": "stratonovich", "reversible_heun": "stratonovich"}
+ODE_METHODS = {"ode-euler": "euler", "ode-midpoint": "midpoint", "ode-rk4": "rk4", "ode-dopri5": "dopri5"}
+SOLVERS = (*SDE_METHODS, *ODE_METHODS, "ddpm")
+
+
+def check_solver(method: str) -> None:
+    if method not in SOLVERS:
+        raise SdepureError(f"unknown solver {method!r}; choose from {', '.join(SOLVERS)}")
+
+
+def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
+                method: str = "euler", t_end: float = 0.0) -> torch.Tensor:
+    """One reverse VP-SDE solve per row from t_start to t_end with torchsde.sdeint."""
+    grid = time_grid(t_start, t_end, steps)
+    sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method])
+    y0 = x.reshape(x.shape[0], -1)
+    bm = GridBrownian(seed, y0.shape, dtype=y0.dtype, device=y0.device)
+    # integrating over [0, steps] with dt = 1 keeps only the endpoints in memory
+    ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
+    ys = torchsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=1.0)
+    return ys[-1].reshape(x.shape)
+
+
+def reverse_ode(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int,
+                method: str = "ode-euler", t_end: float = 0.0, rtol: float = 1e-5,
+                atol: float = 1e-5) -> torch.Tensor:
+    """Probability-flow ODE from t_start to t_end with torchdiffeq.odeint."""
+    grid = time_grid(t_start, t_end, steps)
+    func = ProbabilityFlowODE(model, grid, x.shape)
+    y0 = x.reshape(x.shape[0], -1)
+    ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
+    inner = ODE_METHODS[method]
+    options = {} if inner == "dopri5" else {"step_size": 1.0}
+    ys = torchdiffeq.odeint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options)
+    return ys[-1].reshape(x.shape)
+
+
+def ddpm_times(schedule, t_start: float, steps: int) -> torch.Tensor:
+    """Decreasing times ending at 0. On a table: indices round(i* - j i*/b), j = 0..b-1, as DensePure."""
+    if steps < 1:
+        raise SdepureError(f"steps must be >= 1, got {steps}")
+    if isinstance(schedule, DiscreteVP):
+        i_star = int(round(float(schedule.index_of_time(torch.tensor(t_start, dtype=torch.float64)))))
+        idx = sorted({int(round(i_star - j * i_star / steps)) for j in range(steps)}, reverse=True)
+        times = [float(schedule.time_of_index(i)) for i in idx]
+    else:
+        times = torch.linspace(t_start, 0.0, steps + 1, dtype=torch.float64)[:-1].tolist()
+    return torch.tensor(times + [0.0], dtype=torch.float64)
+
+
+def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
+                   clip_x0: bool = True) -> torch.Tensor:
+    """DDPM ancestral steps on a subsequence, betas re-derived from alpha_bar; no noise at the last step."""
+    times = ddpm_times(model.schedule, t_start, steps)
+    ab = model.schedule.alpha_bar(times)
+    ab[-1] = 1.0
+    bm = GridBrownian(seed, x.shape, dtype=x.dtype, device=x.device)
+    for k in range(len(times) - 1):
+        a, a_next = float(ab[k]), float(ab[k + 1])
+        t_vec = torch.full((x.shape[0],), float(times[k]), dtype=x.dtype, device=x.device)
+        eps = model.eps(x, t_vec)
+        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        alpha = a / a_next
+        mean = (a_next ** 0.5 * (1 - alpha) / (1 - a)) * x0 + (alpha ** 0.5 * (1 - a_next) / (1 - a)) * x
+        if k < len(times) - 2:
+            var = (1 - alpha) * (1 - a_next) / (1 - a)
+            x = mean + var ** 0.5 * bm.increment(k)
+        else:
+            x = mean
+    return x
+
+
+def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
+          method: str = "euler", clip_x0: bool = True) -> torch.Tensor:
+    """Dispatch on `method` (see SOLVERS); returns the reverse-process output at t = 0.
+    `clip_x0` clips ddpm's x0 predictions to [-1, 1] (images); the other solvers ignore it."""
+    check_solver(method)
+    if method in SDE_METHODS:
+        return reverse_sde(model, x, t_start, steps, seed, method)
+    if method in ODE_METHODS:
+        return reverse_ode(model, x, t_start, steps, method)
+    return ddpm_ancestral(model, x, t_start, steps, seed, clip_x0)
