@@ -26,16 +26,16 @@ def train():
 
 @train.command("digits")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="New output directory.")
-@click.option("--seconds", type=float, default=480.0, show_default=True, help="Wall-time budget of the eps-network.")
+@click.option("--steps", type=int, default=14000, show_default=True, help="eps-network training steps.")
 @click.option("--epochs", type=int, default=60, show_default=True, help="Classifier epochs.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=0, help="torch threads (0: leave torch's default).")
-def digits(out, seconds, epochs, seed, threads):
+def digits(out, steps, epochs, seed, threads):
     """Train the 8x8 digits eps-network (linear VP, beta 0.1..20) and CNN classifier.
 
     Writes digits_eps.pt and digits_classifier.pt (sdepure weight files) and train.json."""
-    if seconds <= 0 or epochs < 1:
-        raise SdepureError("--seconds must be > 0 and --epochs >= 1")
+    if steps < 1 or epochs < 1:
+        raise SdepureError(f"--steps and --epochs must be >= 1, got {steps} and {epochs}")
     check_out(out)
     if threads:
         torch.set_num_threads(threads)
@@ -54,11 +54,11 @@ def digits(out, seconds, epochs, seed, threads):
 
     torch.manual_seed(seed)
     net = DigitsEpsMLP(**EPS_ARCH)
-    ema, eps_info = train_eps(net, schedule, x_train, seconds=seconds, seed=seed, **EPS_TRAINING, log=log)
+    ema, eps_info = train_eps(net, schedule, x_train, steps=steps, seed=seed, **EPS_TRAINING, log=log)
     eps_info["train_eps_mse"] = eps_loss(ema, schedule, x_train, seed + 1)
     eps_info["test_eps_mse"] = eps_loss(ema, schedule, x_test, seed + 1)
     eps_info.update(schedule=schedule.describe(), training=EPS_TRAINING)
-    save_sdepure(out / "digits_eps.pt", "digits-eps-mlp", ema, eps_info)
+    save_sdepure(out / "digits_eps.pt", "digits-eps-mlp", ema, eps_info, dtype=torch.float16)
     log(f"eps-network: {eps_info['steps']} steps, held-out eps MSE {eps_info['test_eps_mse']}")
     with open(out / "train.json", "w") as fh:
         json.dump({"seed": seed, "classifier": cls_info, "eps": eps_info,

@@ -13,7 +13,7 @@ DIGITS_TEST_FRACTION = 0.2
 def load_digits(split: str = "test"):
     """The 1,797 8x8 digits shipped inside scikit-learn, as (N, 1, 8, 8) floats in [0, 1].
 
-    A fixed permutation (seed 0) puts 20% (360 images) in `test`, the rest in `train`."""
+    A fixed permutation (seed 0) puts 20% (359 images) in `test`, the rest (1,438) in `train`."""
     if split not in ("train", "test", "all"):
         raise SdepureError(f"unknown digits split {split!r}; choose train, test or all")
     from sklearn.datasets import load_digits as _sk_digits

@@ -70,9 +70,14 @@ def load_state_dict_strict(module: nn.Module, state: dict, family: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def save_sdepure(path: Path, family: str, net: nn.Module, meta: dict) -> None:
+def save_sdepure(path: Path, family: str, net: nn.Module, meta: dict, dtype: torch.dtype | None = None) -> None:
+    """Write an sdepure weights file; `dtype` (e.g. float16) shrinks floating tensors on disk,
+    load_state_dict casts them back to the parameters' dtype."""
+    def cast(v):
+        v = v.detach().cpu()
+        return v.to(dtype) if dtype is not None and v.is_floating_point() else v
     torch.save({"format": "sdepure", "family": family, "arch": dict(net.config),
-                "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "meta": meta}, path)
+                "state_dict": {k: cast(v) for k, v in net.state_dict().items()}, "meta": meta}, path)
 
 
 def load_sdepure(spec: str, family: str, build: Callable[..., nn.Module], allow_pickle: bool = False) -> tuple[nn.Module, dict]:

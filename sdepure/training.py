@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Callable
 
@@ -26,10 +27,10 @@ def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int) -> torch.Tensor:
     return pad[idx, :, rows, cols].permute(0, 3, 1, 2)
 
 
-def train_eps(net: nn.Module, schedule: VPSchedule, x01: torch.Tensor, *, seconds: float, seed: int,
+def train_eps(net: nn.Module, schedule: VPSchedule, x01: torch.Tensor, *, steps: int, seed: int,
               batch: int = 256, lr: float = 1e-3, ema_decay: float = 0.999, t_min: float = 1e-3, t_max: float = 1.0,
               max_shift: int = 0, log: Callable[[str], None] | None = None) -> tuple[nn.Module, dict]:
-    """Denoising score matching in eps form for `seconds` of wall time; returns the EMA network."""
+    """Denoising score matching in eps form for `steps` steps; returns the EMA network."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # parameter init of anything created later; the net is already built
     ema = copy.deepcopy(net).eval()
@@ -39,12 +40,11 @@ def train_eps(net: nn.Module, schedule: VPSchedule, x01: torch.Tensor, *, second
     x0_all = 2 * x01 - 1
     n = x0_all.shape[0]
     start = time.time()
-    step, losses = 0, []
+    losses = []
     net.train()
-    while time.time() - start < seconds:
-        frac = (time.time() - start) / seconds
-        for group in opt.param_groups:  # cosine decay to 5% over the time budget
-            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(frac * torch.pi)).item()))
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:  # cosine decay to 5%
+            group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         idx = torch.randint(0, n, (batch,), generator=g)
         x0 = x0_all[idx]
         if max_shift:
@@ -61,10 +61,9 @@ def train_eps(net: nn.Module, schedule: VPSchedule, x01: torch.Tensor, *, second
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 1 - ema_decay)
         losses.append(loss.item())
-        step += 1
         if log and step % 2000 == 0:
             log(f"eps step {step} loss {sum(losses[-2000:]) / 2000:.4f}")
-    return ema, {"steps": step, "seconds": time.time() - start, "final_loss": sum(losses[-500:]) / max(1, len(losses[-500:]))}
+    return ema, {"steps": steps, "seconds": time.time() - start, "final_loss": sum(losses[-500:]) / max(1, len(losses[-500:]))}
 
 
 @torch.no_grad()

@@ -1,0 +1,173 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdepure.classifiers.digits import DigitsCNN
+from sdepure.loaders import save_sdepure
+from sdepure.models.digits import DigitsEpsMLP
+from sdepure_cli.main import run
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A config pointing at tiny random digits models (fast; tests the plumbing, not accuracy)."""
+    torch.manual_seed(0)
+    save_sdepure(tmp_path / "eps.pt", "digits-eps-mlp", DigitsEpsMLP(width=32, blocks=1), {})
+    save_sdepure(tmp_path / "cls.pt", "digits-cnn", DigitsCNN(ch=4), {})
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(f"""
+[data]
+dataset = "digits"
+[model]
+family = "digits-eps-mlp"
+weights = "{tmp_path / 'eps.pt'}"
+[model.schedule]
+kind = "linear"
+[classifier]
+family = "digits-cnn"
+weights = "{tmp_path / 'cls.pt'}"
+[method]
+name = "densepure"
+sigma = 0.5
+votes = 3
+steps = 4
+solver = "euler"
+[certify]
+n0 = 4
+n = 12
+alpha = 0.01
+batch = 8
+stop = 3
+""")
+    return cfg
+
+
+def run_cli(capsys, *args):
+    code = run(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_certify_end_to_end_and_deterministic(tiny, tmp_path, capsys):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        code, stdout, err = run_cli(capsys, "certify", "--config", str(tiny), "--out", str(out), "--seed", "3")
+        assert code == 0, err
+        assert "radius" in stdout and "densepure" in stdout
+        lines = (out / "certify.tsv").read_text().splitlines()
+        assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+        assert len(lines) == 4
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["images"] == 3 and summary["method"]["votes"] == 3
+        assert (out / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+        outs.append([line.split("\t")[:5] for line in lines])
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("method", ["none", "carlini", "diffpure"])
+def test_certify_other_methods(tiny, tmp_path, capsys, method):
+    code, stdout, err = run_cli(capsys, "certify", "--config", str(tiny), "--method", method,
+                                "--out", str(tmp_path / method), "--stop", "2", "--solver", "ddpm")
+    assert code == 0, err
+    assert json.loads((tmp_path / method / "summary.json").read_text())["method"]["votes"] == 1
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+BAD = {
+    "sigma zero": (["--sigma", "0"], "sigma"),
+    "sigma negative": (["--sigma", "-0.5"], "sigma"),
+    "sigma not a number": (["--sigma", "abc"], "sigma"),
+    "alpha zero": (["--alpha", "0"], "alpha"),
+    "alpha one": (["--alpha", "1"], "alpha"),
+    "alpha above one": (["--alpha", "1.5"], "alpha"),
+    "n0 zero": (["--n0", "0"], "n0"),
+    "n zero": (["--n", "0"], "n"),
+    "votes zero": (["--votes", "0"], "votes"),
+    "steps zero": (["--steps", "0"], "steps"),
+    "batch zero": (["--batch", "0"], "batch"),
+    "skip zero": (["--skip", "0"], "skip"),
+    "unknown method": (["--method", "purepure"], "unknown method"),
+    "unknown solver": (["--solver", "rk45"], "unknown solver"),
+    "votes with carlini": (["--method", "carlini", "--votes", "5"], "densepure only"),
+    "no images": (["--start", "5000"], "no images"),
+    "unknown device": (["--device", "tpu"], "device"),
+    "unknown option": (["--sigmaa", "0.5"], "no such option"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_certify_bad_input_one_line_error(tiny, tmp_path, capsys, case):
+    args, needle = BAD[case]
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "certify", "--config", str(tiny), "--out", str(out), *args)
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1 and err.startswith("sdepure: error:"), err
+    assert needle in err.lower()
+    assert "Traceback" not in err + stdout
+    assert not out.exists()
+
+
+def _config_with(tiny: Path, tmp_path: Path, old: str, new: str) -> Path:
+    return _write(tmp_path / "edited.toml", tiny.read_text().replace(old, new))
+
+
+def test_missing_and_malformed_config(tiny, tmp_path, capsys):
+    cases = [
+        (str(tmp_path / "nope.toml"), "not found"),
+        ("no-such-config", "unknown config"),
+        (str(_write(tmp_path / "broken.toml", "[model\nfamily = 3")), "malformed"),
+        (str(_write(tmp_path / "nodata.toml", "[classifier]\nfamily='digits-cnn'\n")), "lacks the [data]"),
+        (str(_config_with(tiny, tmp_path, 'kind = "linear"', 'kind = "quadratic"')), "schedule kind"),
+    ]
+    for spec, needle in cases:
+        code, _, err = run_cli(capsys, "certify", "--config", spec, "--out", str(tmp_path / "o"))
+        assert code != 0 and needle in err and len(err.strip().splitlines()) == 1, (spec, err)
+        assert not (tmp_path / "o").exists()
+
+
+def test_missing_corrupt_and_mismatched_weights(tiny, tmp_path, capsys):
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    torch.save({"format": "sdepure", "family": "digits-eps-mlp", "arch": {"width": 32, "blocks": 1},
+                "state_dict": {"inp.weight": torch.zeros(32, 64)}}, tmp_path / "partial.pt")
+    cases = [("missing.pt", "not found"), ("corrupt.pt", "corrupt"), ("partial.pt", "missing keys"),
+             ("cls.pt", "holds family 'digits-cnn'")]
+    for name, needle in cases:
+        cfg = _config_with(tiny, tmp_path, str(tmp_path / "eps.pt"), str(tmp_path / name))
+        code, _, err = run_cli(capsys, "certify", "--config", str(cfg), "--out", str(tmp_path / "o"))
+        assert code != 0 and needle in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not (tmp_path / "o").exists()
+
+
+def test_existing_or_unwritable_output_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "certify.tsv").write_text("precious\n")
+    code, _, err = run_cli(capsys, "certify", "--config", str(tiny), "--out", str(out))
+    assert code != 0 and "already exists" in err
+    assert (out / "certify.tsv").read_text() == "precious\n"
+    blocker = _write(tmp_path / "file", "x")
+    code, _, err = run_cli(capsys, "certify", "--config", str(tiny), "--out", str(blocker / "sub"))
+    assert code != 0 and "cannot write" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_refuses_existing_output(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "digits", "--out", str(tmp_path))
+    assert code != 0 and "already exists" in err
+    code, _, err = run_cli(capsys, "train", "digits", "--out", str(tmp_path / "x"), "--steps", "0")
+    assert code != 0 and "--steps" in err and not (tmp_path / "x").exists()
+
+
+def test_console_entry_point_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sdepure_cli", "certify", "--sigma", "-1",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == ["sdepure: error: sigma must be > 0, got -1.0"]
