@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .errors import SdepureError
@@ -32,16 +33,17 @@ def time_grid(t_start: float, t_end: float, steps: int) -> torch.Tensor:
 class _IndexTime(nn.Module):
     """Shared by the SDE and the ODE: maps step index k to physical time t on the grid."""
 
-    def __init__(self, model: DiffusionModel, t_grid: torch.Tensor, shape):
+    def __init__(self, model: DiffusionModel, t_grid: torch.Tensor, shape, checkpoint: bool = False):
         super().__init__()
         self.model = model
+        self.checkpoint = checkpoint  # recompute the network in backward instead of storing activations
         self.t_grid = t_grid
         self.h = float(t_grid[0] - t_grid[1])
         self.shape = tuple(shape)  # image shape incl. batch; y is the flattened view
         self.steps = len(t_grid) - 1
 
     def physical_time(self, k) -> float:
-        k = float(k)
+        k = float(k.detach()) if torch.is_tensor(k) else float(k)
         i = min(max(int(math.floor(k)), 0), self.steps - 1)
         frac = k - i
         if frac == 0.0:
@@ -53,26 +55,31 @@ class _IndexTime(nn.Module):
         beta = float(self.model.schedule.beta(torch.tensor(t, dtype=torch.float64)))
         x = y.reshape(self.shape)
         t_vec = torch.full((x.shape[0],), t, dtype=y.dtype, device=y.device)
-        score = self.model.score(x, t_vec)
+        if self.checkpoint and torch.is_grad_enabled():
+            score = torch.utils.checkpoint.checkpoint(self.model.score, x, t_vec, use_reentrant=False)
+        else:
+            score = self.model.score(x, t_vec)
         return (self.h * beta * (0.5 * x + score_weight * score)).reshape(y.shape)
 
 
 class ReverseVPSDE(_IndexTime):
     noise_type = "diagonal"
 
-    def __init__(self, model: DiffusionModel, t_grid: torch.Tensor, shape, sde_type: str = "ito"):
-        super().__init__(model, t_grid, shape)
+    def __init__(self, model: DiffusionModel, t_grid: torch.Tensor, shape, sde_type: str = "ito",
+                 checkpoint: bool = False):
+        super().__init__(model, t_grid, shape, checkpoint)
         self.sde_type = sde_type
         self._memo = None
 
     def f(self, k, y):
         # sdeint evaluates f(ts[0], y0) once to check shapes; the first step then asks again.
         memo = self._memo
-        if memo is not None and memo[0] is y and memo[1] == float(k) and memo[2] == y._version:
+        k_val = float(k.detach()) if torch.is_tensor(k) else float(k)
+        if memo is not None and memo[0] is y and memo[1] == k_val and memo[2] == y._version:
             self._memo = None
             return memo[3]
         out = self._drift(k, y, 1.0)
-        self._memo = (y, float(k), y._version, out) if float(k) == 0.0 else None
+        self._memo = (y, k_val, y._version, out) if k_val == 0.0 else None
         return out
 
     def g(self, k, y):

@@ -10,6 +10,7 @@ All take and return [-1, 1] images of any shape (batch first).
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 import torchdiffeq
 import torchsde
 
@@ -30,30 +31,50 @@ def check_solver(method: str) -> None:
         raise SdepureError(f"unknown solver {method!r}; choose from {', '.join(SOLVERS)}")
 
 
+ADJOINT_METHODS = {"euler": "euler", "milstein": "milstein", "heun": "heun", "midpoint": "midpoint",
+                   "euler_heun": "euler_heun", "reversible_heun": "adjoint_reversible_heun"}
+
+
 def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
-                method: str = "euler", t_end: float = 0.0) -> torch.Tensor:
-    """One reverse VP-SDE solve per row from t_start to t_end with torchsde.sdeint."""
+                method: str = "euler", t_end: float = 0.0, grad: str | None = None,
+                adjoint_method: str | None = None) -> torch.Tensor:
+    """One reverse VP-SDE solve per row from t_start to t_end with torchsde.
+
+    grad=None or "exact": torchsde.sdeint; with "exact" the network is recomputed per step in
+    backward (checkpointing), so memory grows by one state per step, not one network's activations.
+    grad="adjoint": torchsde.sdeint_adjoint on the same grid and Brownian path, no gradient
+    into the network's weights; adjoint_method defaults to the forward method's own scheme
+    (adjoint_reversible_heun for reversible_heun: exact up to floating point)."""
     grid = time_grid(t_start, t_end, steps)
-    sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method])
+    sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method], checkpoint=grad == "exact")
     y0 = x.reshape(x.shape[0], -1)
     bm = GridBrownian(seed, y0.shape, dtype=y0.dtype, device=y0.device)
     # integrating over [0, steps] with dt = 1 keeps only the endpoints in memory
     ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
-    ys = torchsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=1.0)
+    if grad == "adjoint":
+        ys = torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method=method, dt=1.0, adjoint_params=(),
+                                     adjoint_method=adjoint_method or ADJOINT_METHODS[method])
+    else:
+        ys = torchsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=1.0)
     return ys[-1].reshape(x.shape)
 
 
 def reverse_ode(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int,
                 method: str = "ode-euler", t_end: float = 0.0, rtol: float = 1e-5,
-                atol: float = 1e-5) -> torch.Tensor:
-    """Probability-flow ODE from t_start to t_end with torchdiffeq.odeint."""
+                atol: float = 1e-5, grad: str | None = None) -> torch.Tensor:
+    """Probability-flow ODE from t_start to t_end with torchdiffeq.odeint, or with
+    torchdiffeq.odeint_adjoint (no gradient into the network's weights) when grad="adjoint"."""
     grid = time_grid(t_start, t_end, steps)
-    func = ProbabilityFlowODE(model, grid, x.shape)
+    func = ProbabilityFlowODE(model, grid, x.shape, checkpoint=grad == "exact")
     y0 = x.reshape(x.shape[0], -1)
     ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
     inner = ODE_METHODS[method]
     options = {} if inner == "dopri5" else {"step_size": 1.0}
-    ys = torchdiffeq.odeint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options)
+    if grad == "adjoint":
+        ys = torchdiffeq.odeint_adjoint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options,
+                                        adjoint_params=(), adjoint_options=dict(options))
+    else:
+        ys = torchdiffeq.odeint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options)
     return ys[-1].reshape(x.shape)
 
 
@@ -71,8 +92,9 @@ def ddpm_times(schedule, t_start: float, steps: int) -> torch.Tensor:
 
 
 def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
-                   clip_x0: bool = True) -> torch.Tensor:
-    """DDPM ancestral steps on a subsequence, betas re-derived from alpha_bar; no noise at the last step."""
+                   clip_x0: bool = True, grad: str | None = None) -> torch.Tensor:
+    """DDPM ancestral steps on a subsequence, betas re-derived from alpha_bar; no noise at the last step.
+    grad="exact" recomputes each network call in backward (checkpointing)."""
     times = ddpm_times(model.schedule, t_start, steps)
     ab = model.schedule.alpha_bar(times)
     ab[-1] = 1.0
@@ -80,7 +102,10 @@ def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps
     for k in range(len(times) - 1):
         a, a_next = float(ab[k]), float(ab[k + 1])
         t_vec = torch.full((x.shape[0],), float(times[k]), dtype=x.dtype, device=x.device)
-        eps = model.eps(x, t_vec)
+        if grad == "exact" and torch.is_grad_enabled():
+            eps = torch.utils.checkpoint.checkpoint(model.eps, x, t_vec, use_reentrant=False)
+        else:
+            eps = model.eps(x, t_vec)
         x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
@@ -94,13 +119,22 @@ def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps
     return x
 
 
+GRADS = (None, "exact", "adjoint")
+
+
 def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
-          method: str = "euler", clip_x0: bool = True) -> torch.Tensor:
+          method: str = "euler", clip_x0: bool = True, grad: str | None = None,
+          adjoint_method: str | None = None) -> torch.Tensor:
     """Dispatch on `method` (see SOLVERS); returns the reverse-process output at t = 0.
-    `clip_x0` clips ddpm's x0 predictions to [-1, 1] (images); the other solvers ignore it."""
+    `clip_x0` clips ddpm's x0 predictions to [-1, 1] (images); the other solvers ignore it.
+    `grad`: None (plain autograd), "exact" (checkpointed autograd) or "adjoint"."""
     check_solver(method)
+    if grad not in GRADS:
+        raise SdepureError(f"unknown gradient mode {grad!r} for the solver")
     if method in SDE_METHODS:
-        return reverse_sde(model, x, t_start, steps, seed, method)
+        return reverse_sde(model, x, t_start, steps, seed, method, grad=grad, adjoint_method=adjoint_method)
     if method in ODE_METHODS:
-        return reverse_ode(model, x, t_start, steps, method)
-    return ddpm_ancestral(model, x, t_start, steps, seed, clip_x0)
+        return reverse_ode(model, x, t_start, steps, method, grad=grad)
+    if grad == "adjoint":
+        raise SdepureError("the ddpm sampler has no adjoint; use grad exact, or an SDE/ODE solver")
+    return ddpm_ancestral(model, x, t_start, steps, seed, clip_x0, grad=grad)

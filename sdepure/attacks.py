@@ -1,0 +1,227 @@
+"""Adaptive attacks on purified classifiers: gradient modes, PGD-EOT, BPDA+EOT, AutoAttack,
+and the scoring of a randomized defense over many purifications.
+
+What the attack differentiates and what the defense predicts:
+- diffpure: logits of the classifier on one purification (fresh randomness per call);
+- densepure: the mean of the K purifications' logits; the defense itself predicts by majority
+  vote over the K labels, which has no gradient. Scoring (score_defense) uses the vote.
+- carlini: logits on the one-shot x0 prediction from a freshly noised input;
+- none: the classifier.
+
+Gradient modes (through the reverse process):
+- exact:   autograd through every solver step, the network recomputed per step (checkpointing);
+- adjoint: torchsde.sdeint_adjoint (or torchdiffeq.odeint_adjoint for ODE solvers) on the same
+           time grid and Brownian path; with reversible_heun the adjoint is exact up to rounding;
+- bpda:    the purifier is the identity in the backward pass (DiffPure's BPDA);
+- ode:     purify with the probability-flow ODE and differentiate with torchdiffeq.odeint_adjoint.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import SdepureError
+from .models.base import DiffusionModel
+from .purify import majority_vote
+from .rng import derive_seed, generator, randn
+from .solvers import ODE_METHODS, check_solver, solve
+
+GRAD_MODES = ("exact", "adjoint", "bpda", "ode")
+NORMS = ("Linf", "L2")
+ATTACK_METHODS = ("none", "carlini", "diffpure", "densepure")
+
+
+class AttackedModel(nn.Module):
+    """[0, 1] images -> logits, differentiable through the purifier as `grad` says.
+
+    Every forward call draws fresh randomness, call c using seed derive_seed(seed, c), as a
+    randomized defense does; `reset(seed)` restarts the sequence. The networks' weights are frozen.
+    """
+
+    def __init__(self, method: str, classifier: nn.Module, num_classes: int, model: DiffusionModel | None = None,
+                 t_star: float | None = None, steps: int = 10, solver: str = "euler", grad: str = "exact",
+                 votes: int = 1, adjoint_method: str | None = None, seed: int = 0):
+        super().__init__()
+        if method not in ATTACK_METHODS:
+            raise SdepureError(f"unknown method {method!r}; choose from {', '.join(ATTACK_METHODS)}")
+        if grad not in GRAD_MODES:
+            raise SdepureError(f"unknown gradient mode {grad!r}; choose from {', '.join(GRAD_MODES)}")
+        if votes < 1 or (votes > 1 and method != "densepure"):
+            raise SdepureError(f"votes must be 1 for {method} and >= 1 for densepure, got {votes}")
+        if steps < 1:
+            raise SdepureError(f"steps must be >= 1, got {steps}")
+        if method != "none":
+            if model is None or t_star is None:
+                raise SdepureError(f"method {method} needs a diffusion model and t*")
+            if not 0 < t_star <= 1:
+                raise SdepureError(f"t* must be in (0, 1], got {t_star}")
+        if grad == "ode":
+            solver = solver if solver in ODE_METHODS else "ode-euler"
+        check_solver(solver)
+        if grad == "adjoint" and solver == "ddpm":
+            raise SdepureError("the ddpm sampler has no adjoint; use --grad exact or an SDE/ODE solver")
+        self.method, self.classifier, self.num_classes, self.model = method, classifier, num_classes, model
+        self.t_star, self.steps, self.solver, self.grad = t_star, steps, solver, grad
+        self.votes, self.adjoint_method = votes, adjoint_method
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.reset(seed)
+
+    def reset(self, seed: int) -> None:
+        self.seed, self.calls = int(seed), 0
+
+    def next_seed(self) -> int:
+        self.calls += 1
+        return derive_seed(self.seed, self.calls)
+
+    def purify(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """One purification of each row of x (in [0, 1]), differentiable per the gradient mode."""
+        if self.method == "none":
+            return x
+        ab = float(self.model.schedule.alpha_bar(torch.tensor(self.t_star, dtype=torch.float64)))
+        z = randn(x.shape, derive_seed(seed, 0), dtype=x.dtype, device=x.device)
+        if self.grad == "bpda":
+            with torch.no_grad():
+                out = self._reverse(ab, x, z, seed, None)
+            return x + (out - x).detach()
+        grad = {"exact": "exact", "adjoint": "adjoint", "ode": "adjoint"}[self.grad]
+        return self._reverse(ab, x, z, seed, grad)
+
+    def _reverse(self, ab: float, x, z, seed: int, grad):
+        xt = ab ** 0.5 * (2 * x - 1) + (1 - ab) ** 0.5 * z  # forward diffusion to t*
+        if self.method == "carlini":
+            t = torch.full((x.shape[0],), self.t_star, dtype=x.dtype, device=x.device)
+            x0 = self.model.x0(xt, t)
+        else:
+            x0 = solve(self.model, xt, self.t_star, self.steps, derive_seed(seed, 1), self.solver,
+                       grad=grad, adjoint_method=self.adjoint_method)
+        return (x0.clamp(-1, 1) + 1) / 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seed = self.next_seed()
+        if self.votes == 1:
+            return self.classifier(self.purify(x, seed))
+        xr = x.repeat_interleave(self.votes, dim=0)
+        return self.classifier(self.purify(xr, seed)).reshape(x.shape[0], self.votes, -1).mean(1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        """The defense's own prediction for one draw: argmax, or DensePure's majority vote."""
+        xr = x.repeat_interleave(self.votes, dim=0)
+        labels = self.classifier(self.purify(xr, seed)).argmax(-1).reshape(x.shape[0], self.votes)
+        return majority_vote(labels, self.num_classes)
+
+
+@torch.no_grad()
+def score_defense(model: AttackedModel, x: torch.Tensor, y: torch.Tensor, draws: int, seed: int,
+                  batch: int) -> dict:
+    """Classify each input with `draws` independent purifications (each a full defense prediction).
+    single: accuracy of the first draw; majority: of the majority label over the draws (ties to
+    the lowest class); worst: share right in every draw (robust only if every draw is right)."""
+    if draws < 1:
+        raise SdepureError(f"draws must be >= 1, got {draws}")
+    preds = torch.empty(x.shape[0], draws, dtype=torch.long)
+    for d in range(draws):
+        for i in range(0, x.shape[0], batch):
+            preds[i:i + batch, d] = model.predict(x[i:i + batch], derive_seed(seed, d, i)).cpu()
+    right = preds == y.cpu()[:, None]
+    maj = majority_vote(preds, model.num_classes) == y.cpu()
+    return {"single": float(right[:, 0].double().mean()), "majority": float(maj.double().mean()),
+            "worst": float(right.all(1).double().mean()), "draws": draws,
+            "per_example": {"majority": maj.tolist(), "worst": right.all(1).tolist()}}
+
+
+def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "Linf":
+        return delta.clamp(-eps, eps)
+    flat = delta.reshape(delta.shape[0], -1)
+    factor = (eps / flat.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+    return (flat * factor[:, None]).reshape(delta.shape)
+
+
+def pgd_eot(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf",
+            steps: int = 200, step_size: float = 0.007, eot: int = 20, seed: int = 0,
+            random_start: bool = True, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """PGD on the cross-entropy with the gradient averaged over `eot` calls of a randomized model
+    (expectation over transformation). Returns adversarial examples in [0, 1] within the eps-ball."""
+    if norm not in NORMS:
+        raise SdepureError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
+    if eps < 0 or steps < 1 or eot < 1 or step_size <= 0:
+        raise SdepureError("need eps >= 0, steps >= 1, eot >= 1 and step size > 0")
+    x = x.detach()
+    if random_start:
+        u = torch.rand(x.shape, generator=generator(seed), dtype=x.dtype).to(x.device)
+        delta = _project((2 * u - 1) * eps, eps, norm)
+    else:
+        delta = torch.zeros_like(x)
+    delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+    for _ in range(steps):
+        grad = torch.zeros_like(x)
+        for _ in range(eot):
+            loss = nn.functional.cross_entropy(model(x + delta), y, reduction="sum")
+            grad += torch.autograd.grad(loss, delta)[0]
+        with torch.no_grad():
+            if norm == "Linf":
+                step = step_size * grad.sign()
+            else:
+                g = grad.reshape(grad.shape[0], -1)
+                step = step_size * (g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)).reshape(grad.shape)
+            new = _project(delta + step, eps, norm)
+            new = (x + new).clamp(0, 1) - x
+        delta = new.requires_grad_(True)
+        if progress:
+            progress(1)
+    return (x + delta).detach()
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, version: str,
+               seed: int, batch: int, device) -> tuple[torch.Tensor, dict]:
+    """The official AutoAttack (PyPI pyautoattack), run attack by attack on the examples still
+    robust, so each broken example is attributed to the attack that broke it."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise SdepureError("AutoAttack needs the pyautoattack package: pip install pyautoattack") from None
+    if version not in ("standard", "rand"):
+        raise SdepureError(f"unknown AutoAttack version {version!r}; choose standard or rand")
+    if norm not in NORMS:
+        raise SdepureError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
+    aa = AutoAttack(model, device=device, eps=eps, norm=norm, seed=seed, version=version)
+    aa.verbose = False
+    order = list(aa.attacks_to_run)
+    with torch.no_grad():
+        clean = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]) == y
+    robust = clean.clone()
+    x_adv = x.clone()
+    broken_by: list[str | None] = [None] * len(x)
+    per_attack = {"clean": float(clean.double().mean())}
+    for attack in order:
+        idx = robust.nonzero().flatten()
+        if len(idx):
+            aa.attacks_to_run = [attack]
+            xa, ya = aa.run_standard_evaluation(x[idx], y[idx], batch_size=batch)
+            fooled = (ya.to(y.device) != y[idx])
+            for j in idx[fooled].tolist():
+                broken_by[j] = attack
+            x_adv[idx[fooled]] = xa[fooled.to(xa.device)].to(x_adv.device)
+            robust[idx[fooled]] = False
+        per_attack[attack] = float(robust.double().mean())
+    return x_adv, {"attacks": order, "clean_flags": clean.tolist(), "robust_flags": robust.tolist(),
+                   "broken_by": broken_by, "accuracy_after": per_attack}
+
+
+def parse_eps(text: str) -> float:
+    """'8/255', '0.03' or '0.5' -> float >= 0."""
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise SdepureError(f"malformed eps {text!r}; give a number such as 0.03 or a fraction such as 8/255") from None
+    if not value >= 0 or value != value or value == float("inf"):
+        raise SdepureError(f"eps must be a finite number >= 0, got {text}")
+    return value
