@@ -7,7 +7,9 @@ import click
 
 from sdepure.errors import SdepureError
 
+from .attack import attack
 from .certify import certify
+from .gradcheck import gradcheck
 from .train import train
 
 
@@ -18,7 +20,9 @@ def app():
     robustness measurement: randomized-smoothing certificates and adaptive attacks."""
 
 
+app.add_command(attack)
 app.add_command(certify)
+app.add_command(gradcheck)
 app.add_command(train)
 
 

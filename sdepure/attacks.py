@@ -225,3 +225,16 @@ def parse_eps(text: str) -> float:
     if not value >= 0 or value != value or value == float("inf"):
         raise SdepureError(f"eps must be a finite number >= 0, got {text}")
     return value
+
+
+def input_gradient(model: AttackedModel, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    """d CE(model(x), y) / dx for one draw addressed by `seed` (same noise, same Brownian path)."""
+    model.reset(seed)
+    xg = x.detach().clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(model(xg), y, reduction="sum")
+    return torch.autograd.grad(loss, xg)[0]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))

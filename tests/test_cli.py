@@ -6,44 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdepure.classifiers.digits import DigitsCNN
-from sdepure.loaders import save_sdepure
-from sdepure.models.digits import DigitsEpsMLP
 from sdepure_cli.main import run
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    """A config pointing at tiny random digits models (fast; tests the plumbing, not accuracy)."""
-    torch.manual_seed(0)
-    save_sdepure(tmp_path / "eps.pt", "digits-eps-mlp", DigitsEpsMLP(width=32, blocks=1), {})
-    save_sdepure(tmp_path / "cls.pt", "digits-cnn", DigitsCNN(ch=4), {})
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(f"""
-[data]
-dataset = "digits"
-[model]
-family = "digits-eps-mlp"
-weights = "{tmp_path / 'eps.pt'}"
-[model.schedule]
-kind = "linear"
-[classifier]
-family = "digits-cnn"
-weights = "{tmp_path / 'cls.pt'}"
-[method]
-name = "densepure"
-sigma = 0.5
-votes = 3
-steps = 4
-solver = "euler"
-[certify]
-n0 = 4
-n = 12
-alpha = 0.01
-batch = 8
-stop = 3
-""")
-    return cfg
 
 
 def run_cli(capsys, *args):

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+
+
+from sdepure_cli.main import run
+
+
+def run_cli(capsys, *args):
+    code = run(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_attack_autoattack_end_to_end(tiny, tmp_path, capsys):
+    out = tmp_path / "aa"
+    code, stdout, err = run_cli(capsys, "attack", "--autoattack", "--config", str(tiny), "--out", str(out),
+                                "--n-examples", "2", "--save-adv")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["version"] == "rand" and summary["examples"] == 2
+    assert set(summary["accuracy_after_each_attack"]) == {"clean", "apgd-ce", "apgd-dlr"}
+    assert summary["max_perturbation"]["Linf"] <= 0.1 + 1e-6
+    scored = summary["scored_over_draws"]["adversarial"]
+    assert scored["draws"] == 3 and scored["worst"] <= scored["majority"] + 1e-12
+    assert (out / "adversarial.pt").exists()
+    assert len((out / "examples.tsv").read_text().splitlines()) == 3
+    assert "robust accuracy" in stdout
+
+
+@pytest.mark.parametrize("kind,grad", [("--pgd", "adjoint"), ("--bpda", None), ("--pgd", "ode")])
+def test_attack_pgd_and_bpda(tiny, tmp_path, capsys, kind, grad):
+    out = tmp_path / "o"
+    args = ["attack", kind, "--config", str(tiny), "--out", str(out), "--pgd-steps", "2", "--eot", "2",
+            "--n-examples", "2", "--norm", "L2", "--eps", "0.5"]
+    if grad:
+        args += ["--grad", grad]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["max_perturbation"]["L2"] <= 0.5 + 1e-5
+    assert summary["settings"]["grad"] == (grad or "bpda")
+
+
+BAD = {
+    "negative eps": (["--autoattack", "--eps", "-0.1"], "eps"),
+    "malformed eps": (["--autoattack", "--eps", "8//255"], "eps"),
+    "unknown norm": (["--autoattack", "--norm", "L3"], "norm"),
+    "unknown version": (["--autoattack", "--version", "plus"], "version"),
+    "unknown grad": (["--autoattack", "--grad", "finite-differences"], "gradient mode"),
+    "n-examples zero": (["--autoattack", "--n-examples", "0"], "n-examples"),
+    "no attack chosen": ([], "choose an attack"),
+    "pgd options with autoattack": (["--autoattack", "--eot", "3"], "apply to --pgd"),
+    "bpda with another grad": (["--bpda", "--grad", "exact"], "bpda"),
+    "votes with diffpure": (["--pgd", "--votes", "4"], "densepure only"),
+    "zero step size": (["--pgd", "--step-size", "0"], "step size"),
+    "t-star out of range": (["--pgd", "--t-star", "1.5"], "t*"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_attack_bad_input(tiny, tmp_path, capsys, case):
+    args, needle = BAD[case]
+    out = tmp_path / "o"
+    code, stdout, err = run_cli(capsys, "attack", "--config", str(tiny), "--out", str(out), *args)
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1 and err.startswith("sdepure: error:"), err
+    assert needle in err
+    assert "Traceback" not in stdout + err and not out.exists()
+
+
+def test_attack_missing_model(tiny, tmp_path, capsys):
+    cfg = tmp_path / "nomodel.toml"
+    cfg.write_text(tiny.read_text().replace(str(tmp_path / "eps.pt"), str(tmp_path / "gone.pt")))
+    code, _, err = run_cli(capsys, "attack", "--autoattack", "--config", str(cfg), "--out", str(tmp_path / "o"))
+    assert code != 0 and "not found" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_gradcheck_same_process(tiny, tmp_path, capsys):
+    out = tmp_path / "gc"
+    code, stdout, err = run_cli(capsys, "gradcheck", "--config", str(tiny), "--steps", "3,6", "--solver",
+                                "reversible_heun", "--same-process", "--n-examples", "2", "--out", str(out))
+    assert code == 0, err
+    rows = json.loads((out / "gradcheck.json").read_text())["rows"]
+    assert [r["steps"] for r in rows] == [3, 6]
+    assert all(r["relative_error"] < 1e-4 for r in rows)
+
+
+def test_gradcheck_fresh_process_reports_memory(tiny, tmp_path, capsys):
+    out = tmp_path / "gc"
+    code, _, err = run_cli(capsys, "gradcheck", "--config", str(tiny), "--steps", "4", "--n-examples", "2",
+                           "--out", str(out))
+    assert code == 0, err
+    row = json.loads((out / "gradcheck.json").read_text())["rows"][0]
+    assert row["exact_peak_mb"] is not None and row["exact_peak_mb"] >= 0
+
+
+@pytest.mark.parametrize("args,needle", [(["--steps", "0"], "--steps"), (["--steps", "a,b"], "--steps"),
+                                         (["--method", "carlini"], "method"), (["--solver", "ddpm"], "ddpm"),
+                                         (["--n-examples", "0"], "n-examples")])
+def test_gradcheck_bad_input(tiny, tmp_path, capsys, args, needle):
+    code, _, err = run_cli(capsys, "gradcheck", "--config", str(tiny), "--out", str(tmp_path / "o"), *args)
+    assert code != 0 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
