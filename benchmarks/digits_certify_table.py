@@ -6,6 +6,7 @@ sigmas (the README table). Prints one JSON object; per-run files go under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -41,7 +42,9 @@ def main() -> None:
             if method == "densepure":
                 cmd += ["--votes", str(args.votes)]
             start = time.time()
-            if run(cmd) != 0:
+            with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON
+                code = run(cmd)
+            if code != 0:
                 sys.exit(f"run failed: {' '.join(cmd)}")
             summary = json.loads((out / "summary.json").read_text())
             results[f"{method}@{sigma}"] = {"certified_accuracy": summary["certified_accuracy"],

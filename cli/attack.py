@@ -11,13 +11,13 @@ from tqdm import tqdm
 from sdepure import attacks, report
 from sdepure.classifiers import build_classifier
 from sdepure.config import load_config, merged
-from sdepure.data import load_dataset
+from sdepure.data import load_dataset, take
 from sdepure.errors import SdepureError
 from sdepure.models import build_score_model
 from sdepure.rng import derive_seed
 from sdepure.solvers import check_solver
 
-from .common import check_out, default_out, make_out, resolve_device
+from .common import apply_paths, check_out, default_out, make_out, path_options, resolve_device
 
 DEFAULTS = {"method": "diffpure", "t_star": 0.1, "steps": 10, "solver": "euler", "grad": "exact",
             "norm": "Linf", "eps": "8/255", "version": "rand", "n_examples": 64, "batch": 32,
@@ -86,9 +86,10 @@ def settings(cfg: dict, over: dict, kind: str) -> dict:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="New output directory (must not exist).")
 @click.option("--allow-pickle", is_flag=True, help="Allow unpickling weight files (runs their code).")
+@path_options
 def attack(config_name, kind, method, grad, adjoint_method, aa_version, norm, eps, n_examples, start, batch,
            t_star, steps, solver, votes, pgd_steps, eot, step_size, score_draws, save_adv, seed, device, out,
-           allow_pickle):
+           allow_pickle, model_weights, classifier_weights, data_root):
     """Attack a purified classifier with gradients through the reverse process.
 
     Reports clean and robust accuracy, which attack broke which example, and the defense scored
@@ -97,7 +98,7 @@ def attack(config_name, kind, method, grad, adjoint_method, aa_version, norm, ep
     t0 = time.time()
     if kind is None:
         raise SdepureError("choose an attack: --autoattack, --pgd or --bpda")
-    cfg = load_config(config_name)
+    cfg = apply_paths(load_config(config_name), model_weights, classifier_weights, data_root)
     over = dict(method=method, grad=grad, adjoint_method=adjoint_method, version=aa_version, norm=norm, eps=eps,
                 n_examples=n_examples, start=start, batch=batch, t_star=t_star, steps=steps, solver=solver,
                 votes=votes, score_draws=score_draws)
@@ -113,9 +114,9 @@ def attack(config_name, kind, method, grad, adjoint_method, aa_version, norm, ep
     idx = list(range(s["start"], min(s["start"] + s["n_examples"], len(x))))
     if not idx:
         raise SdepureError(f"no examples selected: start={s['start']} of {len(x)}")
-    x, y = x[idx].to(dev), y[idx].to(dev)
+    x, y = take(x, idx).to(dev), y[idx].to(dev)
     model = build_score_model(cfg["model"], allow_pickle).to(dev) if s["method"] != "none" else None
-    classifier = build_classifier(cfg["classifier"], allow_pickle).to(dev)
+    classifier = build_classifier(cfg["classifier"], allow_pickle, num_classes).to(dev)
     target = attacks.AttackedModel(s["method"], classifier, num_classes, model, s["t_star"], s["steps"],
                                    s["solver"], s["grad"], s["votes"], s["adjoint_method"], seed)
     what = {"autoattack": f"AutoAttack {s['version']}", "pgd": "PGD-EOT", "bpda": "BPDA+EOT"}[kind]

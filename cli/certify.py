@@ -18,7 +18,7 @@ from sdepure.models import build_score_model
 from sdepure.smoothing import Smooth, certify_images, check_params
 from sdepure.solvers import SOLVERS, check_solver
 
-from .common import check_out, default_out, make_out, resolve_device
+from .common import apply_paths, check_out, default_out, make_out, path_options, resolve_device
 
 DEFAULTS = {"method": {"name": "densepure", "sigma": 0.5, "votes": 10, "steps": 10, "solver": "euler"},
             "certify": {"n0": 100, "n": 1000, "alpha": 0.001, "batch": 100, "start": 0, "stop": None, "skip": 1}}
@@ -71,14 +71,15 @@ def settings(cfg: dict, method_over: dict, certify_over: dict) -> tuple[dict, di
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="New output directory (must not exist).")
 @click.option("--allow-pickle", is_flag=True, help="Allow unpickling weight files (runs their code).")
+@path_options
 def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, batch, start, stop, skip,
-            seed, device, out, allow_pickle):
+            seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
     """Certify a purified classifier with randomized smoothing (Cohen et al.).
 
     Writes certify.tsv (idx label predict radius correct time), certified_accuracy.png and
     summary.json to --out, and prints certified accuracy at a range of L2 radii."""
     t0 = time.time()
-    cfg = load_config(config_name)
+    cfg = apply_paths(load_config(config_name), model_weights, classifier_weights, data_root)
     m, c = settings(cfg, dict(name=method, sigma=sigma, votes=votes, steps=steps, solver=solver),
                     dict(n0=n0, n=n, alpha=alpha, batch=batch, start=start, stop=stop, skip=skip))
     dev = resolve_device(device)
@@ -91,7 +92,7 @@ def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, batc
         raise SdepureError(f"no images selected: start={c['start']} stop={stop_} skip={c['skip']} "
                            f"of {len(x)} images")
     model = build_score_model(cfg["model"], allow_pickle).to(dev) if m["name"] != "none" else None
-    classifier = build_classifier(cfg["classifier"], allow_pickle).to(dev)
+    classifier = build_classifier(cfg["classifier"], allow_pickle, num_classes).to(dev)
     base = purify.build(m["name"], model, classifier, num_classes, m["sigma"], votes=m["votes"],
                         steps=m["steps"], solver=m["solver"], t_rule=m.get("t_rule"))
     t_star = getattr(base.purifier, "t_star", None)
@@ -106,13 +107,12 @@ def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, batc
                f"device={dev} out={out}")
 
     make_out(out)
-    x = x.to(dev)
     with open(out / "certify.tsv", "w") as tsv, \
             tqdm(total=len(indices) * (c["n0"] + c["n"]), unit="draw", desc="certify", leave=False) as bar:
         tsv.write(report.TSV_HEADER + "\n")
         with torch.no_grad():
             rows = certify_images(smooth, x, y, indices, c["n0"], c["n"], c["alpha"], c["batch"], seed,
-                                  tsv=tsv, progress=bar.update)
+                                  tsv=tsv, progress=bar.update, device=dev)
 
     radius = np.array([r["radius"] for r in rows])
     correct = np.array([r["correct"] for r in rows])

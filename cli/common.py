@@ -5,6 +5,7 @@ import os
 import time
 from pathlib import Path
 
+import click
 import torch
 
 from sdepure.errors import SdepureError
@@ -47,3 +48,22 @@ def make_out(out: Path) -> Path:
     except OSError as e:
         raise SdepureError(f"cannot create output directory {out}: {e.strerror}") from None
     return out
+
+
+def path_options(command):
+    """--model-weights / --classifier-weights / --data-root: override the config's paths."""
+    command = click.option("--data-root", type=str, help="Dataset directory (overrides data.root).")(command)
+    command = click.option("--classifier-weights", type=str,
+                           help="Classifier weights file (overrides classifier.weights).")(command)
+    command = click.option("--model-weights", type=str,
+                           help="Diffusion-model weights (overrides model.weights).")(command)
+    return command
+
+
+def apply_paths(cfg: dict, model_weights: str | None, classifier_weights: str | None,
+                data_root: str | None) -> dict:
+    for table, key, value in (("model", "weights", model_weights), ("classifier", "weights", classifier_weights),
+                              ("data", "root", data_root)):
+        if value is not None:
+            cfg.setdefault(table, {})[key] = value
+    return cfg

@@ -13,23 +13,24 @@ import torch
 from sdepure import attacks, report
 from sdepure.classifiers import build_classifier
 from sdepure.config import load_config, merged
-from sdepure.data import load_dataset
+from sdepure.data import load_dataset, take
 from sdepure.errors import SdepureError
 from sdepure.models import build_score_model
 from sdepure.solvers import SDE_METHODS, check_solver
 
-from .common import check_out, default_out, make_out, resolve_device
+from .common import apply_paths, check_out, default_out, make_out, path_options, resolve_device
 
 
 def _build(spec: dict):
-    cfg = load_config(spec["config"])
+    cfg = apply_paths(load_config(spec["config"]), *spec["paths"])
     dev = torch.device(spec["device"])
     x, y, num_classes = load_dataset(cfg["data"])
-    x, y = x[: spec["n_examples"]].to(dev), y[: spec["n_examples"]].to(dev)
+    n = min(spec["n_examples"], len(y))
+    x, y = take(x, range(n)).to(dev), y[:n].to(dev)
     if spec["dtype"] == "float64":
         x = x.double()
     model = build_score_model(cfg["model"], spec["allow_pickle"]).to(dev)
-    classifier = build_classifier(cfg["classifier"], spec["allow_pickle"]).to(dev)
+    classifier = build_classifier(cfg["classifier"], spec["allow_pickle"], num_classes).to(dev)
     if spec["dtype"] == "float64":
         model, classifier = model.double(), classifier.double()
     target = attacks.AttackedModel(spec["method"], classifier, num_classes, model, spec["t_star"], spec["steps"],
@@ -80,12 +81,14 @@ def _in_fresh_process(spec: dict) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="New output directory (must not exist).")
-@click.option("--allow-pickle", is_flag=True)
+@click.option("--allow-pickle", is_flag=True, help="Allow unpickling weight files (runs their code).")
+@path_options
 def gradcheck(config_name, method, steps_list, solver, adjoint_method, t_star, n_examples, use_float64,
-              same_process, seed, device, out, allow_pickle):
+              same_process, seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
     """Relative error of adjoint input gradients against exact backprop (same noise, same Brownian
     path, same grid), and each mode's time and peak memory, for each number of steps."""
-    cfg = load_config(config_name)
+    paths = (model_weights, classifier_weights, data_root)
+    cfg = apply_paths(load_config(config_name), *paths)
     if method not in ("diffpure", "densepure"):
         raise SdepureError("gradcheck compares gradients through the reverse process: method diffpure or densepure")
     try:
@@ -116,7 +119,7 @@ def gradcheck(config_name, method, steps_list, solver, adjoint_method, t_star, n
         for mode in ("exact", adjoint_mode):
             spec = {"config": cfg["source"], "device": str(dev), "n_examples": n_examples, "method": method,
                     "t_star": t_star, "steps": n, "solver": solver, "grad": mode, "adjoint_method": adjoint_method,
-                    "seed": seed, "allow_pickle": allow_pickle, "dtype": "float64" if use_float64 else "float32"}
+                    "seed": seed, "allow_pickle": allow_pickle, "paths": paths, "dtype": "float64" if use_float64 else "float32"}
             res = measure(spec) if same_process else _in_fresh_process(spec)
             grads[mode] = torch.from_numpy(res["grad"])
             key = "exact" if mode == "exact" else "adjoint"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -20,12 +21,22 @@ from .errors import SdepureError
 BUILTIN_PREFIX = "builtin:"
 
 
-def resolve_path(spec: str) -> Path:
+def expand_path(spec: str, what: str = "path") -> Path:
+    """~ and $VAR / ${VAR} expanded; an unset variable is an error that names it."""
+    expanded = os.path.expandvars(os.path.expanduser(spec))
+    match = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    if match:
+        raise SdepureError(f"{what} {spec!r} uses the environment variable {match.group(1)}, which is not set; "
+                           f"set it or pass the path on the command line")
+    return Path(expanded)
+
+
+def resolve_path(spec: str, what: str = "weights") -> Path:
     """'builtin:NAME' names a file shipped in sdepure/weights; anything else is a path
     (environment variables and ~ are expanded)."""
     if spec.startswith(BUILTIN_PREFIX):
         return Path(str(resources.files("sdepure.weights") / spec[len(BUILTIN_PREFIX):]))
-    return Path(os.path.expandvars(os.path.expanduser(spec)))
+    return expand_path(spec, what)
 
 
 def load_checkpoint(spec: str | Path, allow_pickle: bool = False):

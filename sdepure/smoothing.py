@@ -84,15 +84,17 @@ class Smooth:
 
 def certify_images(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, indices, n0: int, n: int,
                    alpha: float, batch: int, seed: int, tsv=None,
-                   progress: Callable[[int], None] | None = None) -> list[dict]:
-    """CERTIFY each image x[i], i in indices, with a seed addressed by (seed, i).
-    Rows go to the open text file `tsv` (Cohen's format) as soon as they are known."""
+                   progress: Callable[[int], None] | None = None, device=None) -> list[dict]:
+    """CERTIFY each image x[i], i in indices, with a seed addressed by (seed, i). `x` only needs
+    x[i] (images may be read lazily); each goes to `device`. Rows go to the open text file `tsv`
+    (Cohen's format) as soon as they are known."""
     import time
 
     rows = []
     for i in indices:
         start = time.time()
-        pred, radius, _ = smooth.certify(x[i], n0, n, alpha, batch, derive_seed(seed, i), progress)
+        xi = x[i] if device is None else x[i].to(device)
+        pred, radius, _ = smooth.certify(xi, n0, n, alpha, batch, derive_seed(seed, i), progress)
         row = {"idx": int(i), "label": int(y[i]), "predict": int(pred), "radius": float(radius),
                "correct": int(pred == int(y[i])), "time": time.time() - start}
         rows.append(row)
