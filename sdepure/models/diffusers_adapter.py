@@ -17,13 +17,15 @@ models/modeling_utils.py):
     f(u) = cos((u + 0.008) / 1.008 * pi / 2)^2 (the improved-diffusion cosine, DiscreteVP.cosine);
     sigmoid = sigmoid(linspace(-6, 6, T)) (beta_end - beta_start) + beta_start; trained_betas
     overrides all. DDIM, PNDM, DPM-Solver, Euler, LMS, Heun, UniPC, ... share these formulas.
-    diffusers computes them in float32; sdepure's table is float64 (differences ~1e-6 relative).
+    diffusers computes them in float32, sdepure in float64: alpha_bar differs by <= 1.3e-5 relative
+    (the cosine tail; ~1e-6 elsewhere).
   * learned variance: 2C output channels, the first C being the prediction.
   * from_pretrained(use_safetensors=True) never falls back to .bin; missing or unexpected keys
     are only logged by diffusers, so they are checked here.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import math
@@ -61,15 +63,22 @@ DDPM_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 
                  "rescale_betas_zero_snr": False}
 
 
-def _import_diffusers():
-    # belt and braces: local_files_only plus a directory check already keep loading offline
+def _diffusers_or_none():
+    # belt and braces: a local-directory check plus local_files_only already keep loading offline;
+    # huggingface_hub reads these once, at import
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         import diffusers
-    except ImportError as e:
-        raise SdepureError(f"loading diffusers models needs the diffusers package ({e}); "
-                           f"install it with: {INSTALL_HINT}") from None
+    except ImportError:
+        return None
+    return diffusers
+
+
+def _import_diffusers():
+    diffusers = _diffusers_or_none()
+    if diffusers is None:
+        raise SdepureError(f"loading diffusers models needs the diffusers package; install it with: {INSTALL_HINT}")
     return diffusers
 
 
@@ -98,8 +107,7 @@ def _scheduler_defaults(class_name: str | None) -> dict:
     if class_name is None:
         return defaults
     try:
-        import diffusers
-        params = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+        params = inspect.signature(getattr(_diffusers_or_none(), class_name).__init__).parameters
     except Exception:  # diffusers missing or class renamed: DDPM's defaults are the usual ones
         return defaults
     for key in defaults:
@@ -226,7 +234,7 @@ def _scheduler_config(scheduler, unet_dir: Path, root: Path | None) -> tuple[dic
     if isinstance(scheduler, dict):
         return scheduler, "scheduler config"
     if scheduler is not None:
-        p = resolve_path(str(scheduler))
+        p = resolve_path(str(scheduler), "scheduler config")
         p = p / SCHEDULER_CONFIG if p.is_dir() else p
         return _read_json(p, "scheduler config"), str(p)
     candidates = []
@@ -263,7 +271,8 @@ def load_diffusers(path, allow_pickle: bool = False, subfolder: str | None = Non
     path: a pipeline directory or a bare UNet directory; subfolder: the UNet's folder inside a
     pipeline (found from model_index.json by default); scheduler: a scheduler_config.json path,
     its directory or a dict, overriding the one found next to the UNet."""
-    root = resolve_path(str(path))
+    _import_diffusers()  # before anything imports huggingface_hub, so the offline settings apply
+    root = resolve_path(str(path), "diffusers model directory")
     if not root.is_dir():
         raise SdepureError(f"diffusers model directory not found: {root}")
     unet_dir, pipe_root = _find_unet_dir(root, subfolder)
@@ -286,7 +295,9 @@ def load_diffusers(path, allow_pickle: bool = False, subfolder: str | None = Non
     try:
         unet, info = diffusers.UNet2DModel.from_pretrained(
             str(unet_dir), local_files_only=True, use_safetensors=use_safetensors,
-            torch_dtype=torch.float32, output_loading_info=True)
+            torch_dtype=torch.float32, output_loading_info=True,
+            # without accelerate diffusers would warn and fall back to this anyway
+            low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     except Exception as e:  # corrupt file, wrong shapes, truncated download, ...
         raise SdepureError(f"cannot load UNet weights from {unet_dir}: {_first_line(e)}") from None
     bad = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
@@ -298,9 +309,6 @@ def load_diffusers(path, allow_pickle: bool = False, subfolder: str | None = Non
         raise SdepureError(f"weights in {unet_dir} do not match its config: "
                            + "; ".join(f"{k.replace('_', ' ')}: {show(v)}" for k, v in bad.items()))
 
-    T_cfg = unet.config.num_train_timesteps
-    if T_cfg is not None and int(T_cfg) != schedule.T:  # only set for 'learned' embeddings, but cheap to check
-        raise SdepureError(f"UNet expects {T_cfg} timesteps, scheduler has {schedule.T}")
     c_in, c_out = int(unet.config.in_channels), int(unet.config.out_channels)
     if c_out not in (c_in, 2 * c_in):
         raise SdepureError(f"{unet_dir}: out_channels {c_out} is neither in_channels {c_in} nor twice it")
