@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import click
 import torch
@@ -17,7 +16,7 @@ from sdepure.models import build_score_model
 from sdepure.rng import derive_seed
 from sdepure.solvers import check_solver
 
-from .common import apply_paths, check_out, default_out, make_out, path_options, resolve_device
+from .common import apply_paths, check_out, common_options, default_out, make_out, resolve_device
 
 DEFAULTS = {"method": "diffpure", "t_star": 0.1, "steps": 10, "solver": "euler", "grad": "exact",
             "norm": "Linf", "eps": "8/255", "version": "rand", "n_examples": 64, "batch": 32,
@@ -82,11 +81,7 @@ def settings(cfg: dict, over: dict, kind: str) -> dict:
 @click.option("--step-size", help="PGD / BPDA step size, e.g. 2/255.")
 @click.option("--score-draws", type=int, help="Purifications per example when scoring (M).")
 @click.option("--save-adv", is_flag=True, help="Also write the adversarial examples (adversarial.pt).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), help="New output directory (must not exist).")
-@click.option("--allow-pickle", is_flag=True, help="Allow unpickling weight files (runs their code).")
-@path_options
+@common_options
 def attack(config_name, kind, method, grad, adjoint_method, aa_version, norm, eps, n_examples, start, batch,
            t_star, steps, solver, votes, pgd_steps, eot, step_size, score_draws, save_adv, seed, device, out,
            allow_pickle, model_weights, classifier_weights, data_root):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import click
 import numpy as np
@@ -18,7 +17,7 @@ from sdepure.models import build_score_model
 from sdepure.smoothing import Smooth, certify_images, check_params
 from sdepure.solvers import SOLVERS, check_solver
 
-from .common import apply_paths, check_out, default_out, make_out, path_options, resolve_device
+from .common import apply_paths, check_out, common_options, default_out, make_out, resolve_device
 
 DEFAULTS = {"method": {"name": "densepure", "sigma": 0.5, "votes": 10, "steps": 10, "solver": "euler"},
             "certify": {"n0": 100, "n": 1000, "alpha": 0.001, "batch": 100, "start": 0, "stop": None, "skip": 1}}
@@ -67,11 +66,7 @@ def settings(cfg: dict, method_over: dict, certify_over: dict) -> tuple[dict, di
 @click.option("--start", type=int, help="First test image index.")
 @click.option("--stop", type=int, help="Stop before this image index.")
 @click.option("--skip", type=int, help="Take every skip-th image.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), help="New output directory (must not exist).")
-@click.option("--allow-pickle", is_flag=True, help="Allow unpickling weight files (runs their code).")
-@path_options
+@common_options
 def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, batch, start, stop, skip,
             seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
     """Certify a purified classifier with randomized smoothing (Cohen et al.).

@@ -50,6 +50,18 @@ def make_out(out: Path) -> Path:
     return out
 
 
+def common_options(command):
+    """--seed, --device, --out, --allow-pickle and the path overrides, shared by the commands."""
+    for option in reversed([
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("--out", type=click.Path(path_type=Path), help="New output directory (must not exist)."),
+        click.option("--allow-pickle", is_flag=True, help="Allow unpickling weight files (runs their code)."),
+    ]):
+        command = option(command)
+    return path_options(command)
+
+
 def path_options(command):
     """--model-weights / --classifier-weights / --data-root: override the config's paths."""
     command = click.option("--data-root", type=str, help="Dataset directory (overrides data.root).")(command)

@@ -5,7 +5,6 @@ import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 import resource
 import time
-from pathlib import Path
 
 import click
 import torch
@@ -18,7 +17,7 @@ from sdepure.errors import SdepureError
 from sdepure.models import build_score_model
 from sdepure.solvers import SDE_METHODS, check_solver
 
-from .common import apply_paths, check_out, default_out, make_out, path_options, resolve_device
+from .common import apply_paths, check_out, common_options, default_out, make_out, resolve_device
 
 
 def _build(spec: dict):
@@ -78,11 +77,7 @@ def _in_fresh_process(spec: dict) -> dict:
 @click.option("--n-examples", type=int, default=4, show_default=True)
 @click.option("--float64", "use_float64", is_flag=True, help="Compute in float64 (rounding out of the way).")
 @click.option("--same-process", is_flag=True, help="Skip the fresh process per measurement (no memory figure).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), help="New output directory (must not exist).")
-@click.option("--allow-pickle", is_flag=True, help="Allow unpickling weight files (runs their code).")
-@path_options
+@common_options
 def gradcheck(config_name, method, steps_list, solver, adjoint_method, t_star, n_examples, use_float64,
               same_process, seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
     """Relative error of adjoint input gradients against exact backprop (same noise, same Brownian

@@ -48,7 +48,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import SdepureError
+from .errors import SdepureError, first_line
 
 # ----------------------------------------------------------------------------------------------
 # CIFAR-10
@@ -110,12 +110,8 @@ def read_restricted_pickle(path: Path):
     except OSError as e:
         raise SdepureError(f"cannot read {path}: {e.strerror or e}") from None
     except Exception as e:  # truncated stream (EOFError), garbage opcodes, bad array state, ...
-        raise SdepureError(f"{path} is corrupt or not a pickle ({type(e).__name__}: {_first_line(e)})") from None
+        raise SdepureError(f"{path} is corrupt or not a pickle ({type(e).__name__}: {first_line(e)})") from None
 
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
 
 
 def _get(d: dict, key: str):
@@ -284,7 +280,7 @@ class ImageFolder:
         except SdepureError:
             raise
         except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
-            raise SdepureError(f"cannot read image {path}: {_first_line(e)}") from None
+            raise SdepureError(f"cannot read image {path}: {first_line(e)}") from None
         return x, label
 
     def load(self, indices: Sequence[int] | torch.Tensor | None = None):

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import SdepureError
+from .errors import SdepureError, first_line
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -48,17 +48,13 @@ def load_checkpoint(spec: str | Path, allow_pickle: bool = False):
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
         if allow_pickle:
-            raise SdepureError(f"cannot read weights file {path}: {_first_line(e)}") from None
+            raise SdepureError(f"cannot read weights file {path}: {first_line(e)}") from None
         raise SdepureError(
             f"refused to unpickle {path}: it holds more than tensors and plain containers "
-            f"({_first_line(e)}); load it with --allow-pickle only if you trust its source") from None
+            f"({first_line(e)}); load it with --allow-pickle only if you trust its source") from None
     except Exception as e:  # truncated zip, random bytes, wrong magic number, ...
-        raise SdepureError(f"cannot read weights file {path}: corrupt or not a torch file ({_first_line(e)})") from None
+        raise SdepureError(f"cannot read weights file {path}: corrupt or not a torch file ({first_line(e)})") from None
 
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
 
 
 def load_state_dict_strict(module: nn.Module, state: dict, family: str) -> None:

@@ -7,7 +7,21 @@ from sdepure.models.digits import DigitsEpsMLP
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.schedules import LinearVP
 
-torch.set_num_threads(2)
+# tiny networks gain nothing from threads, and spin-waiting threads make them ~100x slower
+# when another job keeps the cores busy
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the sdepure command line in-process: (exit code, stdout, stderr)."""
+    from sdepure_cli.main import run
+
+    def call(*args):
+        code = run(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return call
 
 
 @pytest.fixture

@@ -10,13 +10,6 @@ from sdepure.models.adm import ADM_DIFFUSION, ADMUNet, adm_config, adm_eps_model
 PRESETS = ("guided-256-uncond", "improved-cifar10-uncond")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions gain nothing from threads and stall when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_config(preset: str) -> dict:

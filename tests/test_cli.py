@@ -6,20 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdepure_cli.main import run
 
 
-def run_cli(capsys, *args):
-    code = run(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
-
-def test_certify_end_to_end_and_deterministic(tiny, tmp_path, capsys):
+def test_certify_end_to_end_and_deterministic(tiny, tmp_path, run_cli):
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        code, stdout, err = run_cli(capsys, "certify", "--config", str(tiny), "--out", str(out), "--seed", "3")
+        code, stdout, err = run_cli("certify", "--config", str(tiny), "--out", str(out), "--seed", "3")
         assert code == 0, err
         assert "radius" in stdout and "densepure" in stdout
         lines = (out / "certify.tsv").read_text().splitlines()
@@ -33,8 +27,8 @@ def test_certify_end_to_end_and_deterministic(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method", ["none", "carlini", "diffpure"])
-def test_certify_other_methods(tiny, tmp_path, capsys, method):
-    code, stdout, err = run_cli(capsys, "certify", "--config", str(tiny), "--method", method,
+def test_certify_other_methods(tiny, tmp_path, run_cli, method):
+    code, stdout, err = run_cli("certify", "--config", str(tiny), "--method", method,
                                 "--out", str(tmp_path / method), "--stop", "2", "--solver", "ddpm")
     assert code == 0, err
     assert json.loads((tmp_path / method / "summary.json").read_text())["method"]["votes"] == 1
@@ -68,10 +62,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_certify_bad_input_one_line_error(tiny, tmp_path, capsys, case):
+def test_certify_bad_input_one_line_error(tiny, tmp_path, run_cli, case):
     args, needle = BAD[case]
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, "certify", "--config", str(tiny), "--out", str(out), *args)
+    code, stdout, err = run_cli("certify", "--config", str(tiny), "--out", str(out), *args)
     assert code != 0
     assert len(err.strip().splitlines()) == 1 and err.startswith("sdepure: error:"), err
     assert needle in err.lower()
@@ -83,7 +77,7 @@ def _config_with(tiny: Path, tmp_path: Path, old: str, new: str) -> Path:
     return _write(tmp_path / "edited.toml", tiny.read_text().replace(old, new))
 
 
-def test_missing_and_malformed_config(tiny, tmp_path, capsys):
+def test_missing_and_malformed_config(tiny, tmp_path, run_cli):
     cases = [
         (str(tmp_path / "nope.toml"), "not found"),
         ("no-such-config", "unknown config"),
@@ -92,12 +86,12 @@ def test_missing_and_malformed_config(tiny, tmp_path, capsys):
         (str(_config_with(tiny, tmp_path, 'kind = "linear"', 'kind = "quadratic"')), "schedule kind"),
     ]
     for spec, needle in cases:
-        code, _, err = run_cli(capsys, "certify", "--config", spec, "--out", str(tmp_path / "o"))
+        code, _, err = run_cli("certify", "--config", spec, "--out", str(tmp_path / "o"))
         assert code != 0 and needle in err and len(err.strip().splitlines()) == 1, (spec, err)
         assert not (tmp_path / "o").exists()
 
 
-def test_missing_corrupt_and_mismatched_weights(tiny, tmp_path, capsys):
+def test_missing_corrupt_and_mismatched_weights(tiny, tmp_path, run_cli):
     (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
     torch.save({"format": "sdepure", "family": "digits-eps-mlp", "arch": {"width": 32, "blocks": 1},
                 "state_dict": {"inp.weight": torch.zeros(32, 64)}}, tmp_path / "partial.pt")
@@ -105,27 +99,27 @@ def test_missing_corrupt_and_mismatched_weights(tiny, tmp_path, capsys):
              ("cls.pt", "holds family 'digits-cnn'")]
     for name, needle in cases:
         cfg = _config_with(tiny, tmp_path, str(tmp_path / "eps.pt"), str(tmp_path / name))
-        code, _, err = run_cli(capsys, "certify", "--config", str(cfg), "--out", str(tmp_path / "o"))
+        code, _, err = run_cli("certify", "--config", str(cfg), "--out", str(tmp_path / "o"))
         assert code != 0 and needle in err and len(err.strip().splitlines()) == 1, (name, err)
         assert not (tmp_path / "o").exists()
 
 
-def test_existing_or_unwritable_output_is_refused(tiny, tmp_path, capsys):
+def test_existing_or_unwritable_output_is_refused(tiny, tmp_path, run_cli):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "certify.tsv").write_text("precious\n")
-    code, _, err = run_cli(capsys, "certify", "--config", str(tiny), "--out", str(out))
+    code, _, err = run_cli("certify", "--config", str(tiny), "--out", str(out))
     assert code != 0 and "already exists" in err
     assert (out / "certify.tsv").read_text() == "precious\n"
     blocker = _write(tmp_path / "file", "x")
-    code, _, err = run_cli(capsys, "certify", "--config", str(tiny), "--out", str(blocker / "sub"))
+    code, _, err = run_cli("certify", "--config", str(tiny), "--out", str(blocker / "sub"))
     assert code != 0 and "cannot write" in err and len(err.strip().splitlines()) == 1
 
 
-def test_train_refuses_existing_output(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", "digits", "--out", str(tmp_path))
+def test_train_refuses_existing_output(tmp_path, run_cli):
+    code, _, err = run_cli("train", "digits", "--out", str(tmp_path))
     assert code != 0 and "already exists" in err
-    code, _, err = run_cli(capsys, "train", "digits", "--out", str(tmp_path / "x"), "--steps", "0")
+    code, _, err = run_cli("train", "digits", "--out", str(tmp_path / "x"), "--steps", "0")
     assert code != 0 and "--steps" in err and not (tmp_path / "x").exists()
 
 

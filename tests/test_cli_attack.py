@@ -3,18 +3,12 @@ import json
 import pytest
 
 
-from sdepure_cli.main import run
 
 
-def run_cli(capsys, *args):
-    code = run(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
-
-def test_attack_autoattack_end_to_end(tiny, tmp_path, capsys):
+def test_attack_autoattack_end_to_end(tiny, tmp_path, run_cli):
     out = tmp_path / "aa"
-    code, stdout, err = run_cli(capsys, "attack", "--autoattack", "--config", str(tiny), "--out", str(out),
+    code, stdout, err = run_cli("attack", "--autoattack", "--config", str(tiny), "--out", str(out),
                                 "--n-examples", "2", "--save-adv")
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
@@ -29,13 +23,13 @@ def test_attack_autoattack_end_to_end(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind,grad", [("--pgd", "adjoint"), ("--bpda", None), ("--pgd", "ode")])
-def test_attack_pgd_and_bpda(tiny, tmp_path, capsys, kind, grad):
+def test_attack_pgd_and_bpda(tiny, tmp_path, run_cli, kind, grad):
     out = tmp_path / "o"
     args = ["attack", kind, "--config", str(tiny), "--out", str(out), "--pgd-steps", "2", "--eot", "2",
             "--n-examples", "2", "--norm", "L2", "--eps", "0.5"]
     if grad:
         args += ["--grad", grad]
-    code, _, err = run_cli(capsys, *args)
+    code, _, err = run_cli(*args)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["max_perturbation"]["L2"] <= 0.5 + 1e-5
@@ -59,27 +53,27 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_attack_bad_input(tiny, tmp_path, capsys, case):
+def test_attack_bad_input(tiny, tmp_path, run_cli, case):
     args, needle = BAD[case]
     out = tmp_path / "o"
-    code, stdout, err = run_cli(capsys, "attack", "--config", str(tiny), "--out", str(out), *args)
+    code, stdout, err = run_cli("attack", "--config", str(tiny), "--out", str(out), *args)
     assert code != 0
     assert len(err.strip().splitlines()) == 1 and err.startswith("sdepure: error:"), err
     assert needle in err
     assert "Traceback" not in stdout + err and not out.exists()
 
 
-def test_attack_missing_model(tiny, tmp_path, capsys):
+def test_attack_missing_model(tiny, tmp_path, run_cli):
     cfg = tmp_path / "nomodel.toml"
     cfg.write_text(tiny.read_text().replace(str(tmp_path / "eps.pt"), str(tmp_path / "gone.pt")))
-    code, _, err = run_cli(capsys, "attack", "--autoattack", "--config", str(cfg), "--out", str(tmp_path / "o"))
+    code, _, err = run_cli("attack", "--autoattack", "--config", str(cfg), "--out", str(tmp_path / "o"))
     assert code != 0 and "not found" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
-def test_gradcheck_same_process(tiny, tmp_path, capsys):
+def test_gradcheck_same_process(tiny, tmp_path, run_cli):
     out = tmp_path / "gc"
-    code, stdout, err = run_cli(capsys, "gradcheck", "--config", str(tiny), "--steps", "3,6", "--solver",
+    code, stdout, err = run_cli("gradcheck", "--config", str(tiny), "--steps", "3,6", "--solver",
                                 "reversible_heun", "--same-process", "--n-examples", "2", "--out", str(out))
     assert code == 0, err
     rows = json.loads((out / "gradcheck.json").read_text())["rows"]
@@ -87,9 +81,9 @@ def test_gradcheck_same_process(tiny, tmp_path, capsys):
     assert all(r["relative_error"] < 1e-4 for r in rows)
 
 
-def test_gradcheck_fresh_process_reports_memory(tiny, tmp_path, capsys):
+def test_gradcheck_fresh_process_reports_memory(tiny, tmp_path, run_cli):
     out = tmp_path / "gc"
-    code, _, err = run_cli(capsys, "gradcheck", "--config", str(tiny), "--steps", "4", "--n-examples", "2",
+    code, _, err = run_cli("gradcheck", "--config", str(tiny), "--steps", "4", "--n-examples", "2",
                            "--out", str(out))
     assert code == 0, err
     row = json.loads((out / "gradcheck.json").read_text())["rows"][0]
@@ -99,7 +93,7 @@ def test_gradcheck_fresh_process_reports_memory(tiny, tmp_path, capsys):
 @pytest.mark.parametrize("args,needle", [(["--steps", "0"], "--steps"), (["--steps", "a,b"], "--steps"),
                                          (["--method", "carlini"], "method"), (["--solver", "ddpm"], "ddpm"),
                                          (["--n-examples", "0"], "n-examples")])
-def test_gradcheck_bad_input(tiny, tmp_path, capsys, args, needle):
-    code, _, err = run_cli(capsys, "gradcheck", "--config", str(tiny), "--out", str(tmp_path / "o"), *args)
+def test_gradcheck_bad_input(tiny, tmp_path, run_cli, args, needle):
+    code, _, err = run_cli("gradcheck", "--config", str(tiny), "--out", str(tmp_path / "o"), *args)
     assert code != 0 and needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()

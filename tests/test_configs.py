@@ -12,18 +12,11 @@ from sdepure.classifiers.wideresnet import WideResNet
 from sdepure.config import config_names, load_config
 from sdepure.models.adm import ADMUNet, adm_config
 from sdepure.models.ncsnpp import NCSNpp, ncsnpp_config
-from sdepure_cli.main import run
 
 PUBLISHED = ["carlini-cifar10", "carlini-imagenet", "densepure-cifar10", "densepure-imagenet",
              "diffpure-cifar10-l2", "diffpure-cifar10-linf", "diffpure-imagenet", "digits"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def shipped_text(name: str) -> str:
@@ -46,13 +39,8 @@ def tiny_wrn(path):
     torch.save({"state_dict": {"module." + k: v for k, v in WideResNet(depth=10, widen=1).state_dict().items()}}, path)
 
 
-def run_cli(capsys, *args):
-    code = run(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
-
-def test_every_published_setting_has_a_config(capsys):
+def test_every_published_setting_has_a_config(run_cli):
     assert sorted(config_names()) == PUBLISHED
     for name in PUBLISHED:
         cfg = load_config(name)
@@ -63,18 +51,18 @@ def test_every_published_setting_has_a_config(capsys):
     assert load_config("diffpure-cifar10-linf")["attack"]["t_star"] == 0.1
     assert load_config("diffpure-cifar10-l2")["attack"]["t_star"] == 0.075
     assert load_config("diffpure-imagenet")["attack"]["eps"] == "4/255"
-    code, out, _ = run_cli(capsys, "models")
+    code, out, _ = run_cli("models")
     assert code == 0 and all(name in out for name in PUBLISHED)
     assert all(f in out for f in ("adm", "score-sde", "diffusers", "wideresnet", "timm", "torchvision"))
 
 
-def test_unset_environment_variable_is_named(tmp_path, capsys, monkeypatch):
+def test_unset_environment_variable_is_named(tmp_path, run_cli, monkeypatch):
     monkeypatch.delenv("SDEPURE_CIFAR10", raising=False)
-    code, _, err = run_cli(capsys, "certify", "--config", "densepure-cifar10", "--out", str(tmp_path / "o"))
+    code, _, err = run_cli("certify", "--config", "densepure-cifar10", "--out", str(tmp_path / "o"))
     assert code != 0 and "SDEPURE_CIFAR10" in err and len(err.strip().splitlines()) == 1
 
 
-def test_densepure_cifar10_config_with_tiny_improved_diffusion(tmp_path, capsys):
+def test_densepure_cifar10_config_with_tiny_improved_diffusion(tmp_path, run_cli):
     """The shipped DensePure CIFAR-10 settings on a tiny improved-diffusion UNet (flat state dict)
     and a tiny WideResNet (wrapped, prefixed), through --model-weights / --data-root."""
     torch.manual_seed(0)
@@ -101,7 +89,7 @@ num_heads = 2
     (tmp_path / "cfg.toml").write_text(text)
     write_cifar(tmp_path / "data")
     out = tmp_path / "run"
-    code, stdout, err = run_cli(capsys, "certify", "--config", str(tmp_path / "cfg.toml"),
+    code, stdout, err = run_cli("certify", "--config", str(tmp_path / "cfg.toml"),
                                 "--model-weights", str(tmp_path / "cifar10_uncond_50M_500K.pt"),
                                 "--data-root", str(tmp_path / "data"), "--votes", "2", "--n0", "2", "--n", "4",
                                 "--batch", "4", "--stop", "2", "--skip", "1", "--out", str(out))
@@ -112,7 +100,7 @@ num_heads = 2
     assert summary["t_star"] == pytest.approx(1984 / 4000)
 
 
-def test_diffpure_cifar10_config_with_tiny_score_sde(tmp_path, capsys):
+def test_diffpure_cifar10_config_with_tiny_score_sde(tmp_path, run_cli):
     """The shipped DiffPure settings on a tiny DDPM++ checkpoint in score_sde's layout (EMA list)."""
     torch.manual_seed(0)
     arch = dict(ncsnpp_config("ddpmpp-deep-continuous"), nf=16, ch_mult=(1, 2), num_res_blocks=1,
@@ -128,7 +116,7 @@ def test_diffpure_cifar10_config_with_tiny_score_sde(tmp_path, capsys):
     (tmp_path / "cfg.toml").write_text(text)
     write_cifar(tmp_path / "data")
     out = tmp_path / "run"
-    code, stdout, err = run_cli(capsys, "attack", "--pgd", "--config", str(tmp_path / "cfg.toml"),
+    code, stdout, err = run_cli("attack", "--pgd", "--config", str(tmp_path / "cfg.toml"),
                                 "--model-weights", str(tmp_path / "ckpt.pth"),
                                 "--classifier-weights", str(tmp_path / "wrn.pt"), "--data-root", str(tmp_path / "data"),
                                 "--n-examples", "2", "--steps", "2", "--pgd-steps", "1", "--eot", "1",
@@ -147,10 +135,10 @@ class Evil:
         return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
-def test_pickle_that_runs_code_is_refused(tmp_path, capsys):
+def test_pickle_that_runs_code_is_refused(tmp_path, run_cli):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": Evil(marker)}, tmp_path / "evil.pt")
     for args in (["--model-weights", str(tmp_path / "evil.pt")], ["--classifier-weights", str(tmp_path / "evil.pt")]):
-        code, _, err = run_cli(capsys, "certify", *args, "--out", str(tmp_path / "o"))
+        code, _, err = run_cli("certify", *args, "--out", str(tmp_path / "o"))
         assert code != 0 and "refused to unpickle" in err and len(err.strip().splitlines()) == 1
     assert not marker.exists() and not (tmp_path / "o").exists()

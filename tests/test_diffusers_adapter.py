@@ -16,13 +16,6 @@ from sdepure.models.diffusers_adapter import load_diffusers, schedule_from_sched
 from sdepure.schedules import DiscreteVP  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions gain nothing from threads and stall when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -14,14 +14,6 @@ TINY = dict(ncsnpp_config("ddpmpp-deep-continuous"), nf=16, ch_mult=(1, 2), num_
             image_size=8, attn_resolutions=(4,))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions gain nothing from threads, and OpenMP spin-waits make them ~100x slower
-    # when another job keeps the cores busy
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _randomize(net, seed, scale=0.1):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SdepureError
+from ..errors import SdepureError, first_line
 from ..loaders import load_checkpoint, load_state_dict_strict, resolve_path
 from .wideresnet import extract_state_dict, fill_num_batches_tracked
 
@@ -117,20 +117,16 @@ class InputAdapter(nn.Module):
                 f"clamp={self.clamp}, {norm}")
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
-
 
 def _import_optional(module: str):
     name = module.split(".")[0]
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise SdepureError(f"{name} is not installed ({_first_line(e)}); install it with `pip install {name}` "
+        raise SdepureError(f"{name} is not installed ({first_line(e)}); install it with `pip install {name}` "
                            f"in a version built for torch {torch.__version__.split('+')[0]}") from None
     except Exception as e:  # e.g. a torchvision built for another torch fails on its C++ ops
-        raise SdepureError(f"{name} is installed but cannot be imported ({_first_line(e)}); "
+        raise SdepureError(f"{name} is installed but cannot be imported ({first_line(e)}); "
                            f"reinstall a version built for torch {torch.__version__.split('+')[0]}") from None
 
 
@@ -148,7 +144,7 @@ def _read_weights(path, allow_pickle: bool):
         try:
             return load_file(str(p), device="cpu")
         except Exception as e:
-            raise SdepureError(f"cannot read weights file {p}: {_first_line(e)}") from None
+            raise SdepureError(f"cannot read weights file {p}: {first_line(e)}") from None
     return load_checkpoint(p, allow_pickle)
 
 
@@ -186,7 +182,7 @@ def load_timm_classifier(name: str, weights, num_classes: int | None = None, inp
     try:
         model = timm.create_model(name, pretrained=False, **model_kwargs)
     except Exception as e:  # unknown name (RuntimeError in timm), bad kwargs
-        raise SdepureError(f"timm cannot build {name!r}: {_first_line(e)}") from None
+        raise SdepureError(f"timm cannot build {name!r}: {first_line(e)}") from None
     _load_into(model, weights, f"timm:{name}", allow_pickle,
                ("state_dict_ema", "model_ema", "state_dict", "model"))
     cfg = _model_cfg(model)
@@ -212,7 +208,7 @@ def load_torchvision_classifier(name: str, weights, num_classes: int | None = No
     try:
         model = tv.get_model(name, weights=None, **model_kwargs)
     except Exception as e:  # unknown name (ValueError), bad kwargs
-        raise SdepureError(f"torchvision cannot build {name!r}: {_first_line(e)}") from None
+        raise SdepureError(f"torchvision cannot build {name!r}: {first_line(e)}") from None
     _load_into(model, weights, f"torchvision:{name}", allow_pickle, ("state_dict", "model"))
     return InputAdapter(model.eval(), input_size, mean, std, interpolation, antialias).eval()
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import SdepureError
+from ..errors import SdepureError, first_line
 from ..loaders import resolve_path
 from ..schedules import DiscreteVP
 from .base import EpsNetModel
@@ -82,18 +82,13 @@ def _import_diffusers():
     return diffusers
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
-
-
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise SdepureError(f"{what} not found: {path}")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SdepureError(f"cannot read {what} {path}: {_first_line(e)}") from None
+        raise SdepureError(f"cannot read {what} {path}: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise SdepureError(f"{what} {path} is not a JSON object")
     return data
@@ -134,7 +129,7 @@ def schedule_from_scheduler_config(cfg: dict, source: str = "scheduler config") 
         T = int(c["num_train_timesteps"])
         b0, b1 = float(c["beta_start"]), float(c["beta_end"])
     except (TypeError, ValueError) as e:
-        raise SdepureError(f"{source}: bad num_train_timesteps / beta_start / beta_end ({_first_line(e)})") from None
+        raise SdepureError(f"{source}: bad num_train_timesteps / beta_start / beta_end ({first_line(e)})") from None
     if T < 1:
         raise SdepureError(f"{source}: num_train_timesteps must be >= 1, got {T}")
     kind = c["beta_schedule"]
@@ -161,7 +156,7 @@ def schedule_from_scheduler_config(cfg: dict, source: str = "scheduler config") 
     except SdepureError as e:
         raise SdepureError(f"{source}: {e}") from None
     except (TypeError, ValueError) as e:
-        raise SdepureError(f"{source}: bad betas ({_first_line(e)})") from None
+        raise SdepureError(f"{source}: bad betas ({first_line(e)})") from None
     return table, pred
 
 
@@ -299,7 +294,7 @@ def load_diffusers(path, allow_pickle: bool = False, subfolder: str | None = Non
             # without accelerate diffusers would warn and fall back to this anyway
             low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     except Exception as e:  # corrupt file, wrong shapes, truncated download, ...
-        raise SdepureError(f"cannot load UNet weights from {unet_dir}: {_first_line(e)}") from None
+        raise SdepureError(f"cannot load UNet weights from {unet_dir}: {first_line(e)}") from None
     bad = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
     bad = {k: list(v) for k, v in bad.items() if v}
     if bad:
