@@ -1,0 +1,82 @@
+"""Execute every notebook in notebooks/ headless (nbclient, kernel python3) and check what it prints."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+KERNEL = "python3"
+OUT_ENV = "SDEPURE_NOTEBOOK_OUT"
+
+
+def _tools():
+    """nbformat, nbclient and a python3 kernel that runs this interpreter, or a clear failure."""
+    try:
+        import nbclient
+        import nbformat
+        from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    except ImportError as e:
+        pytest.fail(f"notebook tests need nbclient, nbformat and ipykernel (pip install '.[test]'): {e}")
+    try:
+        spec = KernelSpecManager().get_kernel_spec(KERNEL)
+    except NoSuchKernel:
+        pytest.fail(f"no Jupyter kernel named {KERNEL!r}; pip install ipykernel into {sys.prefix}")
+    # jupyter_client maps a bare "python" to sys.executable; anything else is another interpreter
+    if spec.argv[0] not in ("python", "python3", sys.executable):
+        pytest.fail(f"kernel {KERNEL!r} runs {spec.argv[0]}, not {sys.executable}; "
+                    f"remove the stray kernelspec at {spec.resource_dir}")
+    return nbformat, nbclient
+
+
+def _stdout(nb) -> str:
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.outputs if o.output_type == "stream" and o.name == "stdout")
+
+
+def _check_robust_regions_gmm(nb, out_png: Path):
+    lines = [ln for ln in _stdout(nb).splitlines() if ln.startswith("CHECK ")]
+    assert len(lines) == 1, "the notebook must print exactly one CHECK line"
+    s = json.loads(lines[0][len("CHECK "):])
+    # the finite vote reproduces the exact DensePure limit wherever the top class holds >= 75% of the mass
+    assert s["far_points"] >= 30 and s["agreement_far"] >= 0.95, s
+    assert s["agreement"] >= 0.85 and abs(s["agreement"] - s["expected_agreement"]) <= 0.1, s
+    assert s["single_run_agreement"] < s["agreement"], s  # voting beats a single solve
+    assert s["tweedie_err"] < 1e-8, s                       # OneShot is the posterior mean
+    # the robust region is a union of several convex-looking pieces, larger than the raw classifier's
+    assert s["robust_pieces"] >= 2 and s["min_piece_fill"] >= 0.9, s
+    assert s["robust_area"] > 1.5 * s["raw_area"], s
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "figure not written to $" + OUT_ENV
+
+
+CHECKS = {"robust_regions_gmm": _check_robust_regions_gmm}
+
+
+def test_expected_notebooks_present():
+    assert {p.stem for p in NOTEBOOKS} >= set(CHECKS), f"missing notebooks in {NOTEBOOK_DIR}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_saved_without_outputs(path):
+    nbformat, _ = _tools()
+    nb = nbformat.read(path, as_version=4)
+    dirty = [i for i, c in enumerate(nb.cells)
+             if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    assert not dirty, f"{path.name}: clear outputs before saving (cells {dirty})"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_executes(path, tmp_path, monkeypatch):
+    nbformat, nbclient = _tools()
+    out_png = tmp_path / f"{path.stem}.png"
+    monkeypatch.setenv(OUT_ENV, str(out_png))  # the kernel inherits the environment
+    before = sorted(p.name for p in NOTEBOOK_DIR.iterdir())
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name=KERNEL,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()  # raises CellExecutionError on any cell error
+    assert sorted(p.name for p in NOTEBOOK_DIR.iterdir()) == before, "the notebook wrote into the repo"
+    check = CHECKS.get(path.stem)
+    if check is not None:
+        check(nb, out_png)
