@@ -24,9 +24,10 @@ from torch import nn
 
 from .errors import SdepureError
 from .models.base import DiffusionModel
-from .purify import majority_vote
+from .purify import OneShot, ReverseProcess, majority_vote
 from .rng import derive_seed, generator, randn
-from .solvers import ODE_METHODS, check_solver, solve
+from .schedules import sigma_for_alpha_bar
+from .solvers import ODE_METHODS
 
 GRAD_MODES = ("exact", "adjoint", "bpda", "ode")
 NORMS = ("Linf", "L2")
@@ -59,12 +60,17 @@ class AttackedModel(nn.Module):
                 raise SdepureError(f"t* must be in (0, 1], got {t_star}")
         if grad == "ode":
             solver = solver if solver in ODE_METHODS else "ode-euler"
-        check_solver(solver)
-        if grad == "adjoint" and solver == "ddpm":
-            raise SdepureError("the ddpm sampler has no adjoint; use --grad exact or an SDE/ODE solver")
         self.method, self.classifier, self.num_classes, self.model = method, classifier, num_classes, model
         self.t_star, self.steps, self.solver, self.grad = t_star, steps, solver, grad
         self.votes, self.adjoint_method = votes, adjoint_method
+        if method == "carlini":
+            self.purifier = OneShot(model, t_star)
+        elif method in ("diffpure", "densepure"):
+            solver_grad = {"exact": "exact", "adjoint": "adjoint", "ode": "adjoint", "bpda": None}[grad]
+            self.purifier = ReverseProcess(model, t_star, steps, solver, solver_grad, adjoint_method)
+        if method != "none":
+            ab = float(model.schedule.alpha_bar(torch.tensor(t_star, dtype=torch.float64)))
+            self.sigma = sigma_for_alpha_bar(ab)
         for p in self.parameters():
             p.requires_grad_(False)
         self.reset(seed)
@@ -77,27 +83,16 @@ class AttackedModel(nn.Module):
         return derive_seed(self.seed, self.calls)
 
     def purify(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        """One purification of each row of x (in [0, 1]), differentiable per the gradient mode."""
+        """One purification of each row of x (in [0, 1]), differentiable per the gradient mode:
+        forward diffusion to t* is x + sigma(t*) z on the [0, 1] scale, then the purifier."""
         if self.method == "none":
             return x
-        ab = float(self.model.schedule.alpha_bar(torch.tensor(self.t_star, dtype=torch.float64)))
-        z = randn(x.shape, derive_seed(seed, 0), dtype=x.dtype, device=x.device)
+        x_noisy = x + self.sigma * randn(x.shape, derive_seed(seed, 0), dtype=x.dtype, device=x.device)
         if self.grad == "bpda":
             with torch.no_grad():
-                out = self._reverse(ab, x, z, seed, None)
+                out = self.purifier(x_noisy, derive_seed(seed, 1))
             return x + (out - x).detach()
-        grad = {"exact": "exact", "adjoint": "adjoint", "ode": "adjoint"}[self.grad]
-        return self._reverse(ab, x, z, seed, grad)
-
-    def _reverse(self, ab: float, x, z, seed: int, grad):
-        xt = ab ** 0.5 * (2 * x - 1) + (1 - ab) ** 0.5 * z  # forward diffusion to t*
-        if self.method == "carlini":
-            t = torch.full((x.shape[0],), self.t_star, dtype=x.dtype, device=x.device)
-            x0 = self.model.x0(xt, t)
-        else:
-            x0 = solve(self.model, xt, self.t_star, self.steps, derive_seed(seed, 1), self.solver,
-                       grad=grad, adjoint_method=self.adjoint_method)
-        return (x0.clamp(-1, 1) + 1) / 2
+        return self.purifier(x_noisy, derive_seed(seed, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seed = self.next_seed()

@@ -47,19 +47,25 @@ class OneShot(nn.Module):
 
 
 class ReverseProcess(nn.Module):
-    """DiffPure's purifier: scale to x_t*, solve the reverse process to t = 0."""
+    """DiffPure's purifier: scale to x_t*, solve the reverse process to t = 0.
+    `grad` and `adjoint_method` choose how gradients flow through the solver (see solvers.solve)."""
 
-    def __init__(self, model: DiffusionModel, t_star: float, steps: int, solver: str = "euler"):
+    def __init__(self, model: DiffusionModel, t_star: float, steps: int, solver: str = "euler",
+                 grad: str | None = None, adjoint_method: str | None = None):
         super().__init__()
         check_solver(solver)
         if steps < 1:
             raise SdepureError(f"steps must be >= 1, got {steps}")
+        if grad == "adjoint" and solver == "ddpm":
+            raise SdepureError("the ddpm sampler has no adjoint; use exact gradients or an SDE/ODE solver")
         self.model, self.t_star, self.steps, self.solver = model, float(t_star), int(steps), solver
+        self.grad, self.adjoint_method = grad, adjoint_method
 
     def forward(self, x, seed: int):
         ab = float(self.model.schedule.alpha_bar(torch.tensor(self.t_star, dtype=torch.float64)))
         xt = ab ** 0.5 * (2 * x - 1)
-        x0 = solve(self.model, xt, self.t_star, self.steps, seed, self.solver)
+        x0 = solve(self.model, xt, self.t_star, self.steps, seed, self.solver, grad=self.grad,
+                   adjoint_method=self.adjoint_method)
         return (x0.clamp(-1, 1) + 1) / 2
 
 
