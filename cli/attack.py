@@ -50,6 +50,8 @@ def settings(cfg: dict, over: dict, kind: str) -> dict:
             raise SdepureError(f"{key.replace('_', '-')} must be an integer >= 1, got {s[key]}")
     if s["method"] != "densepure" and s["votes"] != 1:
         raise SdepureError(f"--votes applies to densepure only (method is {s['method']})")
+    if not isinstance(s["start"], int) or s["start"] < 0:
+        raise SdepureError(f"start must be an integer >= 0, got {s['start']}")
     t_star = float(s["t_star"])
     if not 0 < t_star <= 1:
         raise SdepureError(f"t* must be in (0, 1], got {t_star}")

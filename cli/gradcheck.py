@@ -15,7 +15,7 @@ from sdepure.config import load_config, merged
 from sdepure.data import load_dataset, take
 from sdepure.errors import SdepureError
 from sdepure.models import build_score_model
-from sdepure.solvers import SDE_METHODS, check_solver
+from sdepure.solvers import SDE_METHODS, check_adjoint_method, check_solver
 
 from .common import apply_paths, check_out, common_options, default_out, make_out, resolve_device
 
@@ -97,6 +97,7 @@ def gradcheck(config_name, method, steps_list, solver, adjoint_method, t_star, n
     check_solver(solver)
     if solver == "ddpm":
         raise SdepureError("the ddpm sampler has no adjoint; choose an SDE or ODE solver")
+    check_adjoint_method(solver, adjoint_method)
     t_star = float(t_star if t_star is not None else merged(cfg, "attack", {}).get("t_star", 0.1))
     if not 0 < t_star <= 1:
         raise SdepureError(f"t* must be in (0, 1], got {t_star}")

@@ -36,6 +36,8 @@ def digits(out, steps, epochs, seed, threads):
     Writes digits_eps.pt and digits_classifier.pt (sdepure weight files) and train.json."""
     if steps < 1 or epochs < 1:
         raise SdepureError(f"--steps and --epochs must be >= 1, got {steps} and {epochs}")
+    if threads < 0:
+        raise SdepureError(f"--threads must be >= 0, got {threads}")
     check_out(out)
     if threads:
         torch.set_num_threads(threads)

@@ -21,7 +21,7 @@ from torch import nn
 from .errors import SdepureError
 from .models.base import DiffusionModel
 from .schedules import DiscreteVP
-from .solvers import check_solver, solve
+from .solvers import SDE_METHODS, check_adjoint_method, check_solver, solve
 
 METHODS = ("none", "carlini", "diffpure", "densepure")
 DEFAULT_T_RULE = {"carlini": "first", "diffpure": "nearest", "densepure": "nearest"}
@@ -58,6 +58,8 @@ class ReverseProcess(nn.Module):
             raise SdepureError(f"steps must be >= 1, got {steps}")
         if grad == "adjoint" and solver == "ddpm":
             raise SdepureError("the ddpm sampler has no adjoint; use exact gradients or an SDE/ODE solver")
+        if grad == "adjoint" and solver in SDE_METHODS:
+            check_adjoint_method(solver, adjoint_method)
         self.model, self.t_star, self.steps, self.solver = model, float(t_star), int(steps), solver
         self.grad, self.adjoint_method = grad, adjoint_method
 

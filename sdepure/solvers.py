@@ -33,6 +33,20 @@ def check_solver(method: str) -> None:
 
 ADJOINT_METHODS = {"euler": "euler", "milstein": "milstein", "heun": "heun", "midpoint": "midpoint",
                    "euler_heun": "euler_heun", "reversible_heun": "adjoint_reversible_heun"}
+# backward schemes torchsde accepts for each forward method's SDE type (checked by running each pair)
+_ADJOINT_ALLOWED = {"ito": ("euler", "milstein"),
+                    "stratonovich": ("milstein", "midpoint", "heun", "euler_heun")}
+
+
+def check_adjoint_method(method: str, adjoint_method: str | None) -> None:
+    if adjoint_method is None:
+        return
+    allowed = _ADJOINT_ALLOWED[SDE_METHODS[method]] if method in SDE_METHODS else ()
+    if method == "reversible_heun":
+        allowed = (*allowed, "adjoint_reversible_heun")
+    if adjoint_method not in allowed:
+        raise SdepureError(f"adjoint method {adjoint_method!r} does not pair with solver {method!r}; "
+                           f"choose from {', '.join(allowed) or 'none (not an SDE solver)'}")
 
 
 def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
@@ -45,6 +59,7 @@ def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: i
     grad="adjoint": torchsde.sdeint_adjoint on the same grid and Brownian path, no gradient
     into the network's weights; adjoint_method defaults to the forward method's own scheme
     (adjoint_reversible_heun for reversible_heun: exact up to floating point)."""
+    check_adjoint_method(method, adjoint_method)
     grid = time_grid(t_start, t_end, steps)
     sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method], checkpoint=grad == "exact")
     y0 = x.reshape(x.shape[0], -1)

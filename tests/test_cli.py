@@ -58,6 +58,9 @@ BAD = {
     "no images": (["--start", "5000"], "no images"),
     "unknown device": (["--device", "tpu"], "device"),
     "unknown option": (["--sigmaa", "0.5"], "no such option"),
+    "negative start": (["--start", "-1"], "start"),
+    "missing model weights": (["--model-weights", "/nonexistent/eps.pt"], "not found"),
+    "missing classifier weights": (["--classifier-weights", "/nonexistent/c.pt"], "not found"),
 }
 
 
@@ -116,11 +119,14 @@ def test_existing_or_unwritable_output_is_refused(tiny, tmp_path, run_cli):
     assert code != 0 and "cannot write" in err and len(err.strip().splitlines()) == 1
 
 
-def test_train_refuses_existing_output(tmp_path, run_cli):
+def test_train_bad_input(tmp_path, run_cli):
     code, _, err = run_cli("train", "digits", "--out", str(tmp_path))
     assert code != 0 and "already exists" in err
-    code, _, err = run_cli("train", "digits", "--out", str(tmp_path / "x"), "--steps", "0")
-    assert code != 0 and "--steps" in err and not (tmp_path / "x").exists()
+    for args, needle in ((["--steps", "0"], "--steps"), (["--epochs", "0"], "--epochs"),
+                         (["--threads", "-1"], "--threads")):
+        code, _, err = run_cli("train", "digits", "--out", str(tmp_path / "x"), *args)
+        assert code != 0 and needle in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "x").exists()
 
 
 def test_console_entry_point_prints_no_traceback(tmp_path):

@@ -49,6 +49,14 @@ BAD = {
     "votes with diffpure": (["--pgd", "--votes", "4"], "densepure only"),
     "zero step size": (["--pgd", "--step-size", "0"], "step size"),
     "t-star out of range": (["--pgd", "--t-star", "1.5"], "t*"),
+    "unknown method": (["--pgd", "--method", "purepure"], "unknown method"),
+    "batch zero": (["--pgd", "--batch", "0"], "batch"),
+    "steps zero": (["--pgd", "--steps", "0"], "steps"),
+    "unknown solver": (["--pgd", "--solver", "rk45"], "unknown solver"),
+    "score-draws zero": (["--pgd", "--score-draws", "0"], "score-draws"),
+    "negative start": (["--pgd", "--start", "-2"], "start"),
+    "adjoint method mismatch": (["--pgd", "--grad", "adjoint", "--adjoint-method", "midpoint"], "does not pair"),
+    "unknown device": (["--pgd", "--device", "tpu"], "device"),
 }
 
 
@@ -61,6 +69,12 @@ def test_attack_bad_input(tiny, tmp_path, run_cli, case):
     assert len(err.strip().splitlines()) == 1 and err.startswith("sdepure: error:"), err
     assert needle in err
     assert "Traceback" not in stdout + err and not out.exists()
+
+
+def test_attack_refuses_existing_output(tiny, tmp_path, run_cli):
+    (tmp_path / "taken").mkdir()
+    code, _, err = run_cli("attack", "--pgd", "--config", str(tiny), "--out", str(tmp_path / "taken"))
+    assert code != 0 and "already exists" in err
 
 
 def test_attack_missing_model(tiny, tmp_path, run_cli):
@@ -92,7 +106,8 @@ def test_gradcheck_fresh_process_reports_memory(tiny, tmp_path, run_cli):
 
 @pytest.mark.parametrize("args,needle", [(["--steps", "0"], "--steps"), (["--steps", "a,b"], "--steps"),
                                          (["--method", "carlini"], "method"), (["--solver", "ddpm"], "ddpm"),
-                                         (["--n-examples", "0"], "n-examples")])
+                                         (["--n-examples", "0"], "n-examples"), (["--t-star", "0"], "t*"),
+                                         (["--adjoint-method", "srk"], "does not pair")])
 def test_gradcheck_bad_input(tiny, tmp_path, run_cli, args, needle):
     code, _, err = run_cli("gradcheck", "--config", str(tiny), "--out", str(tmp_path / "o"), *args)
     assert code != 0 and needle in err and len(err.strip().splitlines()) == 1
