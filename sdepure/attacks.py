@@ -9,7 +9,8 @@ What the attack differentiates and what the defense predicts:
 - none: the classifier.
 
 Gradient modes (through the reverse process):
-- exact:   autograd through every solver step, the network recomputed per step (checkpointing);
+- exact:   autograd through every solver step, the network and segments of sqrt(steps) steps
+           recomputed in backward (solvers.reverse_sde), so memory hardly grows with steps;
 - adjoint: torchsde.sdeint_adjoint (or torchdiffeq.odeint_adjoint for ODE solvers) on the same
            time grid and Brownian path; with reversible_heun the adjoint is exact up to rounding;
 - bpda:    the purifier is the identity in the backward pass (DiffPure's BPDA);

@@ -72,14 +72,15 @@ class ReverseVPSDE(_IndexTime):
         self._memo = None
 
     def f(self, k, y):
-        # sdeint evaluates f(ts[0], y0) once to check shapes; the first step then asks again.
+        # sdeint evaluates f(ts[0], y0) once to check shapes and the first step asks again; a
+        # solve in segments (solvers.reverse_sde) starts sdeint at every segment's first step.
         memo = self._memo
         k_val = float(k.detach()) if torch.is_tensor(k) else float(k)
         if memo is not None and memo[0] is y and memo[1] == k_val and memo[2] == y._version:
             self._memo = None
             return memo[3]
         out = self._drift(k, y, 1.0)
-        self._memo = (y, k_val, y._version, out) if k_val == 0.0 else None
+        self._memo = (y, k_val, y._version, out)
         return out
 
     def g(self, k, y):

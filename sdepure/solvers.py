@@ -9,6 +9,8 @@ All take and return [-1, 1] images of any shape (batch first).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.utils.checkpoint
 import torchdiffeq
@@ -54,8 +56,12 @@ def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: i
                 adjoint_method: str | None = None) -> torch.Tensor:
     """One reverse VP-SDE solve per row from t_start to t_end with torchsde.
 
-    grad=None or "exact": torchsde.sdeint; with "exact" the network is recomputed per step in
-    backward (checkpointing), so memory grows by one state per step, not one network's activations.
+    grad=None: torchsde.sdeint. grad="exact": the same solve, differentiated by autograd with
+    two levels of recomputation: each network call is checkpointed, and from SEGMENT_FROM steps
+    on (one-step methods) the solve runs in segments of ceil(sqrt(steps)) steps, each recomputed
+    as a whole in backward. Memory then grows with sqrt(steps) states and never holds more than
+    one network's activations, at the price of one more forward pass per step; the segments pass
+    gradients to the input only.
     grad="adjoint": torchsde.sdeint_adjoint on the same grid and Brownian path, no gradient
     into the network's weights; adjoint_method defaults to the forward method's own scheme
     (adjoint_reversible_heun for reversible_heun: exact up to floating point)."""
@@ -64,21 +70,59 @@ def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: i
     sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method], checkpoint=grad == "exact")
     y0 = x.reshape(x.shape[0], -1)
     bm = GridBrownian(seed, y0.shape, dtype=y0.dtype, device=y0.device)
-    # integrating over [0, steps] with dt = 1 keeps only the endpoints in memory
-    ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
     if grad == "adjoint":
-        ys = torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method=method, dt=1.0, adjoint_params=(),
-                                     adjoint_method=adjoint_method or ADJOINT_METHODS[method])
+        # integrating over [0, steps] with dt = 1 keeps only the endpoints in memory
+        ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
+        y = torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method=method, dt=1.0, adjoint_params=(),
+                                    adjoint_method=adjoint_method or ADJOINT_METHODS[method])[-1]
+    elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM and method != "reversible_heun":
+        y = y0
+        length = math.isqrt(steps - 1) + 1
+        for k0 in range(0, steps, length):
+            k1 = min(k0 + length, steps)
+            y = _Recomputed.apply(y, lambda y, k0=k0, k1=k1: _sde_segment(sde, y, bm, method, k0, k1))
     else:
-        ys = torchsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=1.0)
-    return ys[-1].reshape(x.shape)
+        y = _sde_segment(sde, y0, bm, method, 0, steps)
+    return y.reshape(x.shape)
+
+
+SEGMENT_FROM = 16  # below this, per-step states weigh nothing next to one network's activations
+# reversible_heun carries a second state from step to step, so a restart per segment would change
+# the solution; it is checkpointed per network call only.
+
+
+class _Recomputed(torch.autograd.Function):
+    """y -> run(y) without an autograd graph (torch.utils.checkpoint keeps one node per operation,
+    tens of kB per solver step); backward runs it again with autograd and returns the gradient
+    with respect to y only: the network's weights get none, as with the adjoint."""
+
+    @staticmethod
+    def forward(ctx, y, run):
+        ctx.run = run
+        ctx.save_for_backward(y)
+        return run(y)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (y,) = ctx.saved_tensors
+        with torch.enable_grad():
+            y = y.detach().requires_grad_(True)
+            (grad_y,) = torch.autograd.grad(ctx.run(y), y, grad_out)
+        return grad_y, None
+
+
+def _sde_segment(sde: ReverseVPSDE, y: torch.Tensor, bm: GridBrownian, method: str, k0: int, k1: int):
+    """Solve from step k0 to k1 on the shared grid and Brownian path (both addressed by k)."""
+    ts = torch.tensor([float(k0), float(k1)], dtype=y.dtype, device=y.device)
+    return torchsde.sdeint(sde, y, ts, bm=bm, method=method, dt=1.0)[-1]
 
 
 def reverse_ode(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int,
                 method: str = "ode-euler", t_end: float = 0.0, rtol: float = 1e-5,
                 atol: float = 1e-5, grad: str | None = None) -> torch.Tensor:
     """Probability-flow ODE from t_start to t_end with torchdiffeq.odeint, or with
-    torchdiffeq.odeint_adjoint (no gradient into the network's weights) when grad="adjoint"."""
+    torchdiffeq.odeint_adjoint (no gradient into the network's weights) when grad="adjoint";
+    grad="exact" recomputes as reverse_sde does (fixed-step methods in segments)."""
     grid = time_grid(t_start, t_end, steps)
     func = ProbabilityFlowODE(model, grid, x.shape, checkpoint=grad == "exact")
     y0 = x.reshape(x.shape[0], -1)
@@ -86,11 +130,19 @@ def reverse_ode(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: i
     inner = ODE_METHODS[method]
     options = {} if inner == "dopri5" else {"step_size": 1.0}
     if grad == "adjoint":
-        ys = torchdiffeq.odeint_adjoint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options,
-                                        adjoint_params=(), adjoint_options=dict(options))
+        y = torchdiffeq.odeint_adjoint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options,
+                                       adjoint_params=(), adjoint_options=dict(options))[-1]
+    elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM and inner != "dopri5":
+        # fixed-step methods restart exactly at a segment boundary (dopri5 would re-adapt)
+        y = y0
+        length = math.isqrt(steps - 1) + 1
+        for k0 in range(0, steps, length):
+            seg = torch.tensor([float(k0), float(min(k0 + length, steps))], dtype=y0.dtype, device=y0.device)
+            y = _Recomputed.apply(y, lambda y, seg=seg: torchdiffeq.odeint(func, y, seg, method=inner,
+                                                                           options=options)[-1])
     else:
-        ys = torchdiffeq.odeint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options)
-    return ys[-1].reshape(x.shape)
+        y = torchdiffeq.odeint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options)[-1]
+    return y.reshape(x.shape)
 
 
 def ddpm_times(schedule, t_start: float, steps: int) -> torch.Tensor:
