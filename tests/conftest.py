@@ -25,6 +25,20 @@ def run_cli(capsys):
 
 
 @pytest.fixture
+def cli_error(run_cli):
+    """Run the command line expecting a refusal: a non-zero exit and exactly one line
+    'sdepure: error: ...' that contains `needle`, and no traceback. Returns that line."""
+    def call(needle, *args):
+        code, stdout, err = run_cli(*args)
+        assert code != 0, (args, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("sdepure: error:"), (args, err)
+        assert needle in err, (needle, err)
+        assert "Traceback" not in stdout + err
+        return err
+    return call
+
+
+@pytest.fixture
 def gmm_model():
     """Three separated 2-D components with an exact score (float64)."""
     mixture = GaussianMixture([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0]], [0.3, 0.3, 0.3],

@@ -61,27 +61,22 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_attack_bad_input(tiny, tmp_path, run_cli, case):
+def test_attack_bad_input(tiny, tmp_path, cli_error, case):
     args, needle = BAD[case]
     out = tmp_path / "o"
-    code, stdout, err = run_cli("attack", "--config", str(tiny), "--out", str(out), *args)
-    assert code != 0
-    assert len(err.strip().splitlines()) == 1 and err.startswith("sdepure: error:"), err
-    assert needle in err
-    assert "Traceback" not in stdout + err and not out.exists()
+    cli_error(needle, "attack", "--config", str(tiny), "--out", str(out), *args)
+    assert not out.exists()
 
 
-def test_attack_refuses_existing_output(tiny, tmp_path, run_cli):
+def test_attack_refuses_existing_output(tiny, tmp_path, cli_error):
     (tmp_path / "taken").mkdir()
-    code, _, err = run_cli("attack", "--pgd", "--config", str(tiny), "--out", str(tmp_path / "taken"))
-    assert code != 0 and "already exists" in err
+    cli_error("already exists", "attack", "--pgd", "--config", str(tiny), "--out", str(tmp_path / "taken"))
 
 
-def test_attack_missing_model(tiny, tmp_path, run_cli):
+def test_attack_missing_model(tiny, tmp_path, cli_error):
     cfg = tmp_path / "nomodel.toml"
     cfg.write_text(tiny.read_text().replace(str(tmp_path / "eps.pt"), str(tmp_path / "gone.pt")))
-    code, _, err = run_cli("attack", "--autoattack", "--config", str(cfg), "--out", str(tmp_path / "o"))
-    assert code != 0 and "not found" in err and len(err.strip().splitlines()) == 1
+    cli_error("not found", "attack", "--autoattack", "--config", str(cfg), "--out", str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
 
 
@@ -108,7 +103,6 @@ def test_gradcheck_fresh_process_reports_memory(tiny, tmp_path, run_cli):
                                          (["--method", "carlini"], "method"), (["--solver", "ddpm"], "ddpm"),
                                          (["--n-examples", "0"], "n-examples"), (["--t-star", "0"], "t*"),
                                          (["--adjoint-method", "srk"], "does not pair")])
-def test_gradcheck_bad_input(tiny, tmp_path, run_cli, args, needle):
-    code, _, err = run_cli("gradcheck", "--config", str(tiny), "--out", str(tmp_path / "o"), *args)
-    assert code != 0 and needle in err and len(err.strip().splitlines()) == 1
+def test_gradcheck_bad_input(tiny, tmp_path, cli_error, args, needle):
+    cli_error(needle, "gradcheck", "--config", str(tiny), "--out", str(tmp_path / "o"), *args)
     assert not (tmp_path / "o").exists()

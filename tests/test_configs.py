@@ -56,10 +56,9 @@ def test_every_published_setting_has_a_config(run_cli):
     assert all(f in out for f in ("adm", "score-sde", "diffusers", "wideresnet", "timm", "torchvision"))
 
 
-def test_unset_environment_variable_is_named(tmp_path, run_cli, monkeypatch):
+def test_unset_environment_variable_is_named(tmp_path, cli_error, monkeypatch):
     monkeypatch.delenv("SDEPURE_CIFAR10", raising=False)
-    code, _, err = run_cli("certify", "--config", "densepure-cifar10", "--out", str(tmp_path / "o"))
-    assert code != 0 and "SDEPURE_CIFAR10" in err and len(err.strip().splitlines()) == 1
+    cli_error("SDEPURE_CIFAR10", "certify", "--config", "densepure-cifar10", "--out", str(tmp_path / "o"))
 
 
 def test_densepure_cifar10_config_with_tiny_improved_diffusion(tmp_path, run_cli):
@@ -135,10 +134,9 @@ class Evil:
         return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
 
 
-def test_pickle_that_runs_code_is_refused(tmp_path, run_cli):
+def test_pickle_that_runs_code_is_refused(tmp_path, cli_error):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": Evil(marker)}, tmp_path / "evil.pt")
     for args in (["--model-weights", str(tmp_path / "evil.pt")], ["--classifier-weights", str(tmp_path / "evil.pt")]):
-        code, _, err = run_cli("certify", *args, "--out", str(tmp_path / "o"))
-        assert code != 0 and "refused to unpickle" in err and len(err.strip().splitlines()) == 1
+        cli_error("refused to unpickle", "certify", *args, "--out", str(tmp_path / "o"))
     assert not marker.exists() and not (tmp_path / "o").exists()
