@@ -76,11 +76,7 @@ def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: i
         y = torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method=method, dt=1.0, adjoint_params=(),
                                     adjoint_method=adjoint_method or ADJOINT_METHODS[method])[-1]
     elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM and method != "reversible_heun":
-        y = y0
-        length = math.isqrt(steps - 1) + 1
-        for k0 in range(0, steps, length):
-            k1 = min(k0 + length, steps)
-            y = _Recomputed.apply(y, lambda y, k0=k0, k1=k1: _sde_segment(sde, y, bm, method, k0, k1))
+        y = _in_recomputed_segments(y0, steps, lambda y, k0, k1: _sde_segment(sde, y, bm, method, k0, k1))
     else:
         y = _sde_segment(sde, y0, bm, method, 0, steps)
     return y.reshape(x.shape)
@@ -111,6 +107,16 @@ class _Recomputed(torch.autograd.Function):
         return grad_y, None
 
 
+def _in_recomputed_segments(y: torch.Tensor, steps: int, solve_segment) -> torch.Tensor:
+    """solve_segment(y, k0, k1) over consecutive segments of ceil(sqrt(steps)) steps, each
+    recomputed in backward (_Recomputed)."""
+    length = math.isqrt(steps - 1) + 1
+    for k0 in range(0, steps, length):
+        k1 = min(k0 + length, steps)
+        y = _Recomputed.apply(y, lambda y, k0=k0, k1=k1: solve_segment(y, k0, k1))
+    return y
+
+
 def _sde_segment(sde: ReverseVPSDE, y: torch.Tensor, bm: GridBrownian, method: str, k0: int, k1: int):
     """Solve from step k0 to k1 on the shared grid and Brownian path (both addressed by k)."""
     ts = torch.tensor([float(k0), float(k1)], dtype=y.dtype, device=y.device)
@@ -134,12 +140,10 @@ def reverse_ode(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: i
                                        adjoint_params=(), adjoint_options=dict(options))[-1]
     elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM and inner != "dopri5":
         # fixed-step methods restart exactly at a segment boundary (dopri5 would re-adapt)
-        y = y0
-        length = math.isqrt(steps - 1) + 1
-        for k0 in range(0, steps, length):
-            seg = torch.tensor([float(k0), float(min(k0 + length, steps))], dtype=y0.dtype, device=y0.device)
-            y = _Recomputed.apply(y, lambda y, seg=seg: torchdiffeq.odeint(func, y, seg, method=inner,
-                                                                           options=options)[-1])
+        def ode_segment(y, k0, k1):
+            seg = torch.tensor([float(k0), float(k1)], dtype=y.dtype, device=y.device)
+            return torchdiffeq.odeint(func, y, seg, method=inner, options=options)[-1]
+        y = _in_recomputed_segments(y0, steps, ode_segment)
     else:
         y = torchdiffeq.odeint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options)[-1]
     return y.reshape(x.shape)
