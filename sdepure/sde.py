@@ -60,6 +60,11 @@ def recomputed(run, y: torch.Tensor) -> torch.Tensor:
     return _Recomputed.apply(y, run)
 
 
+def _as_float(k) -> float:
+    # a Python float or a CPU tensor (the solvers keep step times there): no device read
+    return float(k.detach()) if torch.is_tensor(k) else float(k)
+
+
 def network_call(fn, x: torch.Tensor, t: float, exact: bool = False, precision: str = "fp32") -> torch.Tensor:
     """fn(x, t) for a model method fn (eps, score or x0) at the Python float time t. exact: recompute
     it in backward, gradient to x only (see _Recomputed)."""
@@ -90,7 +95,7 @@ class _IndexTime(nn.Module):
         self._beta: dict[float, float] = {}
 
     def physical_time(self, k) -> float:
-        k = float(k)  # a Python float or a CPU tensor (see solvers): no device read
+        k = _as_float(k)
         i = min(max(int(math.floor(k)), 0), self.steps - 1)
         frac = k - i
         if frac == 0.0:
@@ -124,7 +129,7 @@ class ReverseVPSDE(_IndexTime):
         # sdeint evaluates f(ts[0], y0) once to check shapes and the first step asks again; a
         # solve in segments (solvers.reverse_sde) starts sdeint at every segment's first step.
         memo = self._memo
-        k_val = float(k)
+        k_val = _as_float(k)
         if memo is not None and memo[0] is y and memo[1] == k_val and memo[2] == y._version:
             self._memo = None
             return memo[3]
