@@ -16,7 +16,7 @@ from sdepure.data import load_dataset, take
 from sdepure.errors import SdepureError
 from sdepure.models import build_score_model
 from sdepure.settings import Purifier, as_int
-from sdepure.solvers import SDE_METHODS
+from sdepure.solvers import NO_ADJOINT, SDE_METHODS
 
 from .common import apply_paths, check_out, common_options, default_out, make_out, resolve_device
 
