@@ -152,3 +152,21 @@ def test_certify_tsv_identical_with_and_without_early_stop():
         rows[early_stop] = [{k: v for k, v in r.items() if k != "time"} for r in out]
     assert rows[True] == rows[False]
     assert any(r["predict"] >= 0 for r in rows[True])
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm-solver-2m", "ode-euler"])
+def test_deterministic_purifier_votes_with_one_run(solver):
+    """Runs of a noise-free solver are all equal, so the early-stopped vote evaluates one."""
+    model = CountingModel(GaussianMixture(MEANS, [0.08] * 3), LinearVP())
+    t_star = purify.t_star_for(model.schedule, 0.5, "densepure")
+    x = torch.rand(32, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    labels = {}
+    for early_stop in (False, True):
+        base = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, 4, solver), NearestMean(MEANS), 3,
+                                         votes=7, early_stop=early_stop)
+        model.rows = 0
+        labels[early_stop] = base.predict(x, seed=1)
+        calls_per_row = model.rows // (4 * len(x))
+        assert calls_per_row == (1 if early_stop else 7)
+    assert torch.equal(labels[True], labels[False])
+    assert not purify.ReverseProcess(model, t_star, 4, "ddim", eta=0.5).deterministic
