@@ -79,8 +79,9 @@ class ReverseProcess(nn.Module):
     @property
     def deterministic(self) -> bool:
         """No noise: every run from the same input gives the same output (PF-ODE solvers,
-        dpm-solver-2m, ddim at eta = 0)."""
-        return self.solver in DETERMINISTIC or (self.solver == "ddim" and self.eta == 0.0)
+        dpm-solver-2m, ddim at eta = 0, and one ddpm step: the x0 prediction)."""
+        return (self.solver in DETERMINISTIC or (self.solver == "ddim" and self.eta == 0.0)
+                or (self.solver == "ddpm" and self.steps == 1))
 
     def forward(self, x, seed: int, streams: Streams | None = None):
         """`streams` addresses each row's noise (brownian.Streams); None: one plain solve."""
