@@ -21,16 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SdepureError
+from .report import TSV_HEADER
 from .smoothing import format_row
 
 RUN_FILE = "run.json"
 TSV_FILE = "certify.tsv"
-TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 FORMAT = "sdepure-certify-run"
 VERSION = 1
 CONFIG_TABLES = ("model", "classifier", "data")  # the config tables that decide a row
 # what must agree to resume a run (all of them) or to merge shards (all but shard and images)
-RESUME_KEYS = ("settings", "config", "shard", "world_size", "images")
+RESUME_KEYS = ("world_size", "shard", "settings", "config", "images")
 MERGE_KEYS = ("settings", "config")
 
 
@@ -99,6 +99,20 @@ def record_shard(record: dict) -> Shard | None:
     return Shard(int(s["index"]), int(s["count"])) if s else None
 
 
+def config_from_record(record: dict) -> dict:
+    """A config equal to the one the run was started with: its model/classifier/data tables and
+    the run's settings as [method] and [certify] tables (to resume without repeating flags)."""
+    s = record["settings"]
+    p = s["purifier"]
+    method = {"name": p["method"], "sigma": p["sigma"], "votes": p["votes"], "steps": p["steps"],
+              "solver": p["solver"]}
+    if p.get("t_rule") is not None:
+        method["t_rule"] = p["t_rule"]
+    certify = {k: s[k] for k in ("n0", "n", "alpha", "batch", "start", "stop", "skip") if s.get(k) is not None}
+    return {"name": record.get("config_name") or "run", "source": record.get("config_source") or "",
+            **json.loads(json.dumps(record["config"])), "method": method, "certify": certify}
+
+
 def write_record(run_dir: Path, record: dict) -> None:
     """run.json, atomically (a kill leaves either no record or a whole one)."""
     path = Path(run_dir) / RUN_FILE
@@ -158,15 +172,22 @@ def _setting_name(name: str) -> str:
     return name.removeprefix("settings.")
 
 
+def check_world_size(run_dir: Path, recorded: dict, world_size: int) -> None:
+    """A run started by W processes (its shard files are shard-r-of-W) resumes with W processes."""
+    old = recorded.get("world_size")
+    if old != world_size:
+        files = f"its shard files are for {old} processes" if old != 1 else "it has no per-process shard files"
+        raise SdepureError(f"cannot resume {run_dir}: it was started by {old} process(es) ({files}); this run has "
+                           f"WORLD_SIZE={world_size}: resume it with {old} process(es); nothing was changed")
+
+
 def check_resumable(run_dir: Path, recorded: dict, current: dict) -> None:
     """Refuse to resume with anything that changes a row; names the first differing setting."""
+    check_world_size(run_dir, recorded, current["world_size"])
     diff = differences(recorded, current, RESUME_KEYS)
     if not diff:
         return
     name, old, new = diff[0]
-    if name == "world_size":
-        raise SdepureError(f"cannot resume {run_dir}: it was started with {old} process(es) and has shard files "
-                           f"for that many; this run has {new} (WORLD_SIZE must be {old})")
     more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
     raise SdepureError(f"cannot resume {run_dir}: setting {_setting_name(name)} differs: the run has "
                        f"{_show(name, old)}, this command {_show(name, new)}{more}; nothing was changed")
