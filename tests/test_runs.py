@@ -121,7 +121,7 @@ def test_resume_refuses_other_settings_naming_them_and_changes_nothing(tmp_path)
              (record([0, 1, 2, 3]), "setting images differs: the run has 3 images from 0 to 2"),
              (record([0, 1, 2], runs.Shard(0, 2)), "setting shard differs"),
              (other_weights, "setting config.model.weights differs"),
-             (record([0, 1, 2], world_size=2), "started with 1 process(es)")]
+             (record([0, 1, 2], world_size=2), "started by 1 process(es)")]
     for current, needle in cases:
         with pytest.raises(SdepureError) as info:
             runs.resume(run, current)
@@ -300,3 +300,218 @@ def test_progress_on_a_terminal_draws_a_bar_and_keeps_image_lines():
     assert "\r" in text and "draw" in text  # tqdm's bar
     assert "[rank 1/2] image 0: label 1 predict 1 radius 0.2500 correct 1 (0.50 s) [1/2]\n" in text
     assert "[rank 1/2] image 1:" in text
+
+
+# -- the command line: kill and resume, shards, merge, bad input ---------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+
+def cells(run_dir):
+    """certify.tsv without the time column: what must match row for row."""
+    return [line.split("\t")[:5] for line in (run_dir / "certify.tsv").read_text().splitlines()]
+
+
+def certify_ok(run_cli, *args):
+    code, stdout, err = run_cli("certify", *args)
+    assert code == 0, err
+    return stdout, err
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, run_cli):
+    """A real `sdepure certify` process is killed with SIGKILL after its first rows; a torn half
+    row is appended as if the kill had come mid-write; `--resume DIR` alone finishes the run, and
+    its certify.tsv equals an uninterrupted run's on idx label predict radius correct."""
+    args = ["--config", str(tiny), "--stop", "16", "--n", "100", "--seed", "5"]
+    run = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sdepure_cli", "certify", *args, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.time() + 300  # a loaded 2-core machine can take long to import torch
+        while time.time() < deadline and proc.poll() is None:
+            tsv = run / "certify.tsv"
+            if tsv.exists() and tsv.read_bytes().count(b"\n") >= 2:  # header and one complete row
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    rows, _, _ = runs.read_rows(run / "certify.tsv")
+    assert 1 <= len(rows) < 16, len(rows)  # killed mid-run
+    assert not (run / "summary.json").exists() and (run / "run.json").exists()  # summary only at the end
+    next_idx = len(rows)
+    with open(run / "certify.tsv", "a") as fh:
+        fh.write(f"{next_idx}\t3\t3\t0.2")  # a row torn mid-write
+    stdout, _ = certify_ok(run_cli, "--resume", str(run))
+    assert f"{len(rows)} of 16 images done" in stdout
+    certify_ok(run_cli, *args, "--out", str(tmp_path / "whole"))
+    assert cells(run) == cells(tmp_path / "whole")
+    assert len(cells(run)) == 17 and [c[0] for c in cells(run)[1:]] == [str(i) for i in range(16)]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["images"] == 16 and summary["certified_accuracy"] == \
+        json.loads((tmp_path / "whole" / "summary.json").read_text())["certified_accuracy"]
+
+
+def test_resume_a_finished_run_rewrites_its_summary(tiny, tmp_path, run_cli):
+    run = tmp_path / "run"
+    certify_ok(run_cli, "--config", str(tiny), "--out", str(run))
+    before = cells(run)
+    (run / "summary.json").unlink()
+    stdout, _ = certify_ok(run_cli, "--resume", str(run), "--config", str(tiny), "--seed", "0")
+    assert "already complete (3 images)" in stdout
+    assert cells(run) == before and json.loads((run / "summary.json").read_text())["images"] == 3
+
+
+def test_shards_equal_the_matching_rows_of_the_whole_run_and_merge_back(tiny, tmp_path, run_cli):
+    args = ["--config", str(tiny), "--stop", "11", "--skip", "2", "--seed", "7"]
+    certify_ok(run_cli, *args, "--out", str(tmp_path / "whole"))
+    whole = cells(tmp_path / "whole")
+    by_idx = {c[0]: c for c in whole[1:]}
+    images = [str(i) for i in range(0, 11, 2)]
+    for i in (2, 0, 1):  # any order
+        certify_ok(run_cli, *args, "--shard", f"{i}/3", "--out", str(tmp_path / f"s{i}"))
+        part = cells(tmp_path / f"s{i}")
+        assert [c[0] for c in part[1:]] == images[i::3]
+        assert part[1:] == [by_idx[k] for k in images[i::3]]
+    code, stdout, err = run_cli("merge", str(tmp_path / "s2"), str(tmp_path / "s0"), str(tmp_path / "s1"),
+                                "--out", str(tmp_path / "merged"))
+    assert code == 0, err
+    assert cells(tmp_path / "merged") == whole
+    merged = json.loads((tmp_path / "merged" / "summary.json").read_text())
+    assert merged["certified_accuracy"] == json.loads((tmp_path / "whole" / "summary.json").read_text())[
+        "certified_accuracy"]
+    assert (tmp_path / "merged" / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # a shard resumed without flags keeps its shard and settings
+    stdout, _ = certify_ok(run_cli, "--resume", str(tmp_path / "s1"))
+    assert "already complete (2 images)" in stdout
+
+
+def test_log_mode_progress_has_no_carriage_returns_and_one_line_per_image(tiny, tmp_path, run_cli):
+    _, err = certify_ok(run_cli, "--config", str(tiny), "--out", str(tmp_path / "run"))  # stderr: not a TTY
+    assert "\r" not in err
+    image_lines = [line for line in err.splitlines() if line.startswith("image ")]
+    assert [line.split(":")[0] for line in image_lines] == ["image 0", "image 1", "image 2"]
+    for line, cell in zip(image_lines, cells(tmp_path / "run")[1:]):
+        assert f"label {cell[1]} predict {cell[2]} radius {cell[3]} correct {cell[4]}" in line
+
+
+@pytest.fixture
+def partial_run(tiny, tmp_path, run_cli):
+    """A run of 3 images with its last row removed and torn, as after a kill."""
+    run = tmp_path / "partial"
+    certify_ok(run_cli, "--config", str(tiny), "--out", str(run))
+    text = (run / "certify.tsv").read_text()
+    (run / "certify.tsv").write_text(text[:text.rindex("2\t")] + "2\t")
+    (run / "summary.json").unlink()
+    return run
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--sigma", "0.25"], "setting purifier.sigma differs: the run has 0.5, this command 0.25"),
+    (["--n", "13"], "setting n differs"),
+    (["--seed", "1"], "setting seed differs"),
+    (["--stop", "2"], "setting stop differs"),
+    (["--method", "carlini"], "differs"),
+    (["--shard", "0/2"], "setting shard differs"),
+    (["--out", "elsewhere"], "drop --out"),
+])
+def test_resume_with_other_settings_is_refused_and_changes_nothing(partial_run, cli_error, args, needle):
+    before = {p.name: p.read_bytes() for p in partial_run.iterdir()}
+    cli_error(needle, "certify", "--resume", str(partial_run), *args)
+    assert {p.name: p.read_bytes() for p in partial_run.iterdir()} == before
+
+
+def test_resume_with_another_config_file_names_the_differing_table_key(partial_run, tiny, tmp_path, cli_error):
+    edited = tmp_path / "edited.toml"
+    edited.write_text(tiny.read_text().replace('dataset = "digits"', 'dataset = "digits"\nsplit = "train"'))
+    cli_error("setting config.data.split differs: the run has \"<unset>\", this command \"train\"", "certify",
+              "--resume", str(partial_run), "--config", str(edited))
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path, cli_error):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "certify.tsv").write_text("precious\n")
+    (tmp_path / "file").write_text("precious\n")
+    for target, needle in [(plain, "not a sdepure certify run"), (tmp_path / "missing", "does not exist"),
+                           (tmp_path / "file", "not a directory")]:
+        cli_error(needle, "certify", "--resume", str(target))
+    assert (plain / "certify.tsv").read_text() == "precious\n" and sorted(os.listdir(plain)) == ["certify.tsv"]
+    assert (tmp_path / "file").read_text() == "precious\n" and not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("shard, needle", [("a/b", "i/n"), ("1-3", "i/n"), ("3/3", "must be < 3"),
+                                           ("5/2", "must be < 2"), ("0/0", ">= 1"), ("-1/2", "i/n"), ("", "i/n")])
+def test_malformed_shard_is_refused(tiny, tmp_path, cli_error, shard, needle):
+    cli_error(needle, "certify", "--config", str(tiny), "--shard", shard, "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_merge_refuses_inconsistent_shards(tiny, tmp_path, run_cli, cli_error):
+    for name, extra in [("a0", ["--shard", "0/2"]), ("a1", ["--shard", "1/2"]),
+                        ("b1", ["--shard", "1/2", "--sigma", "0.25"]), ("c1", ["--shard", "1/3"])]:
+        certify_ok(run_cli, "--config", str(tiny), *extra, "--out", str(tmp_path / name))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "certify.tsv").write_text("precious\n")
+    a0, a1, b1, c1 = (str(tmp_path / n) for n in ("a0", "a1", "b1", "c1"))
+    out = str(tmp_path / "out")
+    cases = [([a0, b1], "different runs: setting purifier.sigma differs (0.5 against 0.25)"),
+             ([a0], "shard(s) 1/2 missing"),
+             ([a0, a0, a1], "given twice"),
+             ([a0, c1], "different"),
+             ([a0, str(tmp_path / "nope")], "does not exist"),
+             ([a0, str(taken)], "not a sdepure certify run")]
+    for dirs, needle in cases:
+        cli_error(needle, "merge", *dirs, "--out", out)
+        assert not (tmp_path / "out").exists()
+    cli_error("already exists", "merge", a0, a1, "--out", str(taken))
+    assert (taken / "certify.tsv").read_text() == "precious\n"
+    cli_error("Missing option '--out'", "merge", a0, a1)
+    cli_error("Missing argument", "merge", "--out", out)
+
+
+def test_merge_refuses_an_unfinished_shard(tiny, tmp_path, run_cli, cli_error):
+    for i in (0, 1):
+        certify_ok(run_cli, "--config", str(tiny), "--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}"))
+    text = (tmp_path / "s1" / "certify.tsv").read_text()
+    (tmp_path / "s1" / "certify.tsv").write_text(text[:text.rindex("1\t")])
+    cli_error("unfinished (0 of 1 images)", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"),
+              "--out", str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()
+
+
+def torchrun_env(monkeypatch, rank, world):
+    for key, value in {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, str(value))
+
+
+def test_resume_under_torchrun_with_another_world_size_is_refused(partial_run, monkeypatch, cli_error):
+    """Checked before the processes meet (so this process alone, with no peers, gets the error)."""
+    before = {p.name: p.read_bytes() for p in partial_run.iterdir()}
+    torchrun_env(monkeypatch, 0, 2)
+    cli_error("started by 1 process(es) (it has no per-process shard files); this run has WORLD_SIZE=2",
+              "certify", "--resume", str(partial_run))
+    assert {p.name: p.read_bytes() for p in partial_run.iterdir()} == before
+
+
+def test_shard_under_torchrun_and_bad_torchrun_environment_are_refused(tiny, tmp_path, monkeypatch, cli_error):
+    torchrun_env(monkeypatch, 1, 2)
+    cli_error("--shard and torchrun", "certify", "--config", str(tiny), "--shard", "0/2", "--out", str(tmp_path / "o"))
+    monkeypatch.setenv("RANK", "2")
+    cli_error("RANK must be in 0..1", "certify", "--config", str(tiny), "--out", str(tmp_path / "o"))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR")
+    cli_error("MASTER_ADDR", "certify", "--config", str(tiny), "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
