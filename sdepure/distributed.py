@@ -109,17 +109,6 @@ def broadcast(env: DistEnv, obj):
     return box[0]
 
 
-def all_ok(env: DistEnv, ok: bool) -> bool:
-    """True on every rank iff `ok` is true on every rank (so all ranks refuse together)."""
-    if not env.active:
-        return ok
-    import torch.distributed as dist
-
-    flag = torch.tensor([0 if ok else 1])
-    dist.all_reduce(flag)
-    return int(flag) == 0
-
-
 def barrier(env: DistEnv) -> None:
     if env.active:
         import torch.distributed as dist

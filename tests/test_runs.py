@@ -2,6 +2,11 @@
 progress lines (sdepure.progress)."""
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -220,8 +225,6 @@ def test_collect_refuses_inconsistent_shards(tmp_path):
 def test_collect_detects_duplicate_rows_across_shards(tmp_path):
     images = list(range(6))
     a = make_shards(tmp_path, images, 2)
-    with open(a[1] / "certify.tsv", "a"):
-        pass
     rec = runs.load_record(a[1])
     rec["images"] = rec["images"] + [0]
     runs.write_record(a[1], rec)
@@ -303,13 +306,6 @@ def test_progress_on_a_terminal_draws_a_bar_and_keeps_image_lines():
 
 
 # -- the command line: kill and resume, shards, merge, bad input ---------------------------------
-
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
 
 def cells(run_dir):
     """certify.tsv without the time column: what must match row for row."""
