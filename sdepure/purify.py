@@ -207,11 +207,13 @@ def build_purifier(settings: Purifier, model: DiffusionModel | None, grad: str |
         raise SdepureError(f"method {settings.method} needs a diffusion model")
     t_star = resolve_t_star(settings, model.schedule)
     if settings.method == "carlini":
-        return OneShot(model, t_star)
-    return ReverseProcess(model, t_star, settings.steps, settings.solver, grad, settings.adjoint_method)
+        return OneShot(model, t_star, precision=settings.precision)
+    return ReverseProcess(model, t_star, settings.steps, settings.solver, grad, settings.adjoint_method,
+                          eta=settings.eta, precision=settings.precision)
 
 
 def build(settings: Purifier, model: DiffusionModel | None, classifier: nn.Module,
           num_classes: int) -> PurifiedClassifier:
     """The purified base classifier for certification (no gradients)."""
-    return PurifiedClassifier(build_purifier(settings, model), classifier, num_classes, settings.votes)
+    return PurifiedClassifier(build_purifier(settings, model), classifier, num_classes, settings.votes,
+                              precision=settings.precision)
