@@ -34,12 +34,15 @@ DEFAULT_T_RULE = {"carlini": "first", "diffpure": "nearest", "densepure": "neare
 
 
 class Identity(nn.Module):
+    deterministic = True
+
     def forward(self, x, seed: int, streams: Streams | None = None):
         return x
 
 
 class OneShot(nn.Module):
     """Carlini et al.: the model's x0 prediction at t*, clipped to the image range."""
+    deterministic = True
 
     def __init__(self, model: DiffusionModel, t_star: float, precision: str = "fp32"):
         super().__init__()
