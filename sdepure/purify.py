@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .brownian import Streams
 from .errors import SdepureError
 from .models.base import DiffusionModel
-from .schedules import DiscreteVP
-from .brownian import Streams
 from .precision import check_precision, prepare
 from .precision import run as _run_net
 from .rng import check_rng
+from .schedules import DiscreteVP
 from .sde import network_call
 from .settings import Purifier
 from .solvers import ODE_METHODS, check_eta, solve
