@@ -70,3 +70,22 @@ class GridBrownian(BaseBrownian):
     @property
     def levy_area_approximation(self):
         return "none"
+
+
+class RowBrownian(GridBrownian):
+    """One GridBrownian per row: row i's increment k is drawn from derive_seed(seeds[i], k), so a
+    row's path depends on its own seed only, not on the batch it runs in (used to fix the
+    defense's randomness per example, sdepure.diffattack)."""
+
+    def __init__(self, seeds, shape, dtype=torch.float32, device="cpu"):
+        if len(seeds) != shape[0]:
+            raise SdepureError(f"RowBrownian needs one seed per row: {len(seeds)} seeds for {shape[0]} rows")
+        super().__init__(0, shape, dtype, device)
+        self.seeds = tuple(int(s) for s in seeds)
+
+    def increment(self, k: int) -> torch.Tensor:
+        rows = [randn(self._shape[1:], derive_seed(s, k), dtype=torch.float32) for s in self.seeds]
+        return torch.stack(rows).to(device=self._device, dtype=self._dtype)
+
+    def __repr__(self):
+        return f"RowBrownian({len(self.seeds)} rows, shape={self._shape})"

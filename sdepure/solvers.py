@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 import torchdiffeq
 import torchsde
 
-from .brownian import GridBrownian
+from .brownian import GridBrownian, RowBrownian
 from .errors import SdepureError
 from .models.base import DiffusionModel
 from .schedules import DiscreteVP
@@ -51,9 +51,9 @@ def check_adjoint_method(method: str, adjoint_method: str | None) -> None:
                            f"choose from {', '.join(allowed) or 'none (not an SDE solver)'}")
 
 
-def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
+def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed,
                 method: str = "euler", t_end: float = 0.0, grad: str | None = None,
-                adjoint_method: str | None = None) -> torch.Tensor:
+                adjoint_method: str | None = None, states: bool = False):
     """One reverse VP-SDE solve per row from t_start to t_end with torchsde.
 
     grad=None: torchsde.sdeint. grad="exact": the same solve, differentiated by autograd with
@@ -64,12 +64,20 @@ def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: i
     gradients to the input only.
     grad="adjoint": torchsde.sdeint_adjoint on the same grid and Brownian path, no gradient
     into the network's weights; adjoint_method defaults to the forward method's own scheme
-    (adjoint_reversible_heun for reversible_heun: exact up to floating point)."""
+    (adjoint_reversible_heun for reversible_heun: exact up to floating point).
+    `seed`: an int, or a tuple of one seed per row (RowBrownian: a row's path ignores the batch).
+    states=True returns (x at t_end, the states after steps 1..steps stacked on a new first axis),
+    differentiable in every gradient mode (the adjoint injects each state's gradient as it passes
+    that step backwards)."""
     check_adjoint_method(method, adjoint_method)
     grid = time_grid(t_start, t_end, steps)
     sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method], checkpoint=grad == "exact")
     y0 = x.reshape(x.shape[0], -1)
-    bm = GridBrownian(seed, y0.shape, dtype=y0.dtype, device=y0.device)
+    bm = _brownian(seed, y0.shape, y0)
+    if states:
+        traj = _sde_states(sde, y0, bm, method, steps, grad, adjoint_method)
+        traj = traj.reshape(steps, *x.shape)
+        return traj[-1], traj
     if grad == "adjoint":
         # integrating over [0, steps] with dt = 1 keeps only the endpoints in memory
         ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
@@ -80,6 +88,28 @@ def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: i
     else:
         y = _sde_segment(sde, y0, bm, method, 0, steps)
     return y.reshape(x.shape)
+
+
+def _brownian(seed, shape, like: torch.Tensor) -> GridBrownian:
+    if isinstance(seed, (tuple, list)):
+        return RowBrownian(seed, shape, dtype=like.dtype, device=like.device)
+    return GridBrownian(seed, shape, dtype=like.dtype, device=like.device)
+
+
+def _sde_states(sde, y0, bm, method, steps, grad, adjoint_method) -> torch.Tensor:
+    """(steps, B, D): the solution after each step, on the same grid and Brownian path as the
+    endpoint-only solve. Output times at every integer step change nothing for these fixed-step
+    methods with dt = 1 (reversible_heun keeps its second state across output times)."""
+    ts = torch.arange(steps + 1, dtype=y0.dtype, device=y0.device)
+    if grad == "adjoint":
+        # torchsde's adjoint resets its state to the stored forward state at every output time
+        # and adds that state's loss gradient to the adjoint there
+        return torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method=method, dt=1.0, adjoint_params=(),
+                                       adjoint_method=adjoint_method or ADJOINT_METHODS[method])[1:]
+    if grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM and method != "reversible_heun":
+        return _states_in_recomputed_segments(y0, steps, lambda y, k0, k1: torchsde.sdeint(
+            sde, y, ts[k0:k1 + 1], bm=bm, method=method, dt=1.0)[1:])
+    return torchsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=1.0)[1:]
 
 
 SEGMENT_FROM = 16  # below this, per-step states weigh nothing next to one network's activations
@@ -117,6 +147,39 @@ def _in_recomputed_segments(y: torch.Tensor, steps: int, solve_segment) -> torch
     return y
 
 
+class _RecomputedStates(torch.autograd.Function):
+    """As _Recomputed, for a segment that returns all its states (n, ...): backward receives the
+    gradient of every state (from later segments through the last one, and from losses on the
+    states themselves) and recomputes the segment once."""
+
+    @staticmethod
+    def forward(ctx, y, run):
+        ctx.run = run
+        ctx.save_for_backward(y)
+        return run(y)
+
+    @staticmethod
+    def backward(ctx, grad_states):
+        (y,) = ctx.saved_tensors
+        with torch.enable_grad():
+            y = y.detach().requires_grad_(True)
+            (grad_y,) = torch.autograd.grad(ctx.run(y), y, grad_states)
+        return grad_y, None
+
+
+def _states_in_recomputed_segments(y: torch.Tensor, steps: int, segment_states) -> torch.Tensor:
+    """segment_states(y, k0, k1) -> the states after steps k0+1..k1, over the same segments as
+    _in_recomputed_segments; returns all states (steps, ...)."""
+    length = math.isqrt(steps - 1) + 1
+    out = []
+    for k0 in range(0, steps, length):
+        k1 = min(k0 + length, steps)
+        seg = _RecomputedStates.apply(y, lambda y, k0=k0, k1=k1: segment_states(y, k0, k1))
+        out.append(seg)
+        y = seg[-1]
+    return torch.cat(out)
+
+
 def _sde_segment(sde: ReverseVPSDE, y: torch.Tensor, bm: GridBrownian, method: str, k0: int, k1: int):
     """Solve from step k0 to k1 on the shared grid and Brownian path (both addressed by k)."""
     ts = torch.tensor([float(k0), float(k1)], dtype=y.dtype, device=y.device)
@@ -125,16 +188,29 @@ def _sde_segment(sde: ReverseVPSDE, y: torch.Tensor, bm: GridBrownian, method: s
 
 def reverse_ode(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int,
                 method: str = "ode-euler", t_end: float = 0.0, rtol: float = 1e-5,
-                atol: float = 1e-5, grad: str | None = None) -> torch.Tensor:
+                atol: float = 1e-5, grad: str | None = None, states: bool = False):
     """Probability-flow ODE from t_start to t_end with torchdiffeq.odeint, or with
     torchdiffeq.odeint_adjoint (no gradient into the network's weights) when grad="adjoint";
-    grad="exact" recomputes as reverse_sde does (fixed-step methods in segments)."""
+    grad="exact" recomputes as reverse_sde does (fixed-step methods in segments).
+    states=True: (x at t_end, the states at steps 1..steps), as reverse_sde."""
     grid = time_grid(t_start, t_end, steps)
     func = ProbabilityFlowODE(model, grid, x.shape, checkpoint=grad == "exact")
     y0 = x.reshape(x.shape[0], -1)
     ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
     inner = ODE_METHODS[method]
     options = {} if inner == "dopri5" else {"step_size": 1.0}
+    if states:
+        every = torch.arange(steps + 1, dtype=y0.dtype, device=y0.device)
+        if grad == "adjoint":
+            traj = torchdiffeq.odeint_adjoint(func, y0, every, method=inner, rtol=rtol, atol=atol, options=options,
+                                              adjoint_params=(), adjoint_options=dict(options))[1:]
+        elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM and inner != "dopri5":
+            traj = _states_in_recomputed_segments(y0, steps, lambda y, k0, k1: torchdiffeq.odeint(
+                func, y, every[k0:k1 + 1], method=inner, options=options)[1:])
+        else:
+            traj = torchdiffeq.odeint(func, y0, every, method=inner, rtol=rtol, atol=atol, options=options)[1:]
+        traj = traj.reshape(steps, *x.shape)
+        return traj[-1], traj
     if grad == "adjoint":
         y = torchdiffeq.odeint_adjoint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options,
                                        adjoint_params=(), adjoint_options=dict(options))[-1]
@@ -162,14 +238,16 @@ def ddpm_times(schedule, t_start: float, steps: int) -> torch.Tensor:
     return torch.tensor(times + [0.0], dtype=torch.float64)
 
 
-def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
-                   clip_x0: bool = True, grad: str | None = None) -> torch.Tensor:
+def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed,
+                   clip_x0: bool = True, grad: str | None = None, states: bool = False):
     """DDPM ancestral steps on a subsequence, betas re-derived from alpha_bar; no noise at the last step.
-    grad="exact" recomputes each network call in backward (checkpointing)."""
+    grad="exact" recomputes each network call in backward (checkpointing).
+    states=True: (x at 0, the state after each step, at ddpm_times(...)[1:])."""
     times = ddpm_times(model.schedule, t_start, steps)
     ab = model.schedule.alpha_bar(times)
     ab[-1] = 1.0
-    bm = GridBrownian(seed, x.shape, dtype=x.dtype, device=x.device)
+    bm = _brownian(seed, x.shape, x)
+    traj = []
     for k in range(len(times) - 1):
         a, a_next = float(ab[k]), float(ab[k + 1])
         t_vec = torch.full((x.shape[0],), float(times[k]), dtype=x.dtype, device=x.device)
@@ -187,25 +265,37 @@ def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps
             x = mean + var ** 0.5 * bm.increment(k)
         else:
             x = mean
-    return x
+        if states:
+            traj.append(x)
+    return (x, torch.stack(traj)) if states else x
 
 
 GRADS = (None, "exact", "adjoint")
 
 
-def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
+def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed,
           method: str = "euler", clip_x0: bool = True, grad: str | None = None,
-          adjoint_method: str | None = None) -> torch.Tensor:
+          adjoint_method: str | None = None, states: bool = False):
     """Dispatch on `method` (see SOLVERS); returns the reverse-process output at t = 0.
     `clip_x0` clips ddpm's x0 predictions to [-1, 1] (images); the other solvers ignore it.
-    `grad`: None (plain autograd), "exact" (checkpointed autograd) or "adjoint"."""
+    `grad`: None (plain autograd), "exact" (checkpointed autograd) or "adjoint".
+    `seed`: an int, or a tuple of one seed per row (the row's Brownian path / ancestral noise).
+    states=True returns (x at 0, states, times): the state after every step (n, *x.shape),
+    differentiable in the same gradient mode, and the float64 times they sit at (n,)."""
     check_solver(method)
     if grad not in GRADS:
         raise SdepureError(f"unknown gradient mode {grad!r} for the solver")
     if method in SDE_METHODS:
-        return reverse_sde(model, x, t_start, steps, seed, method, grad=grad, adjoint_method=adjoint_method)
-    if method in ODE_METHODS:
-        return reverse_ode(model, x, t_start, steps, method, grad=grad)
-    if grad == "adjoint":
+        out = reverse_sde(model, x, t_start, steps, seed, method, grad=grad, adjoint_method=adjoint_method,
+                          states=states)
+    elif method in ODE_METHODS:
+        out = reverse_ode(model, x, t_start, steps, method, grad=grad, states=states)
+    elif grad == "adjoint":
         raise SdepureError("the ddpm sampler has no adjoint; use grad exact, or an SDE/ODE solver")
-    return ddpm_ancestral(model, x, t_start, steps, seed, clip_x0, grad=grad)
+    else:
+        out = ddpm_ancestral(model, x, t_start, steps, seed, clip_x0, grad=grad, states=states)
+    if not states:
+        return out
+    times = (ddpm_times(model.schedule, t_start, steps) if method == "ddpm"
+             else time_grid(t_start, 0.0, steps))[1:]
+    return (*out, times)
