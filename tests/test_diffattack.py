@@ -16,9 +16,16 @@ from sdepure.errors import SdepureError
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.schedules import LinearVP
 from sdepure.sde import time_grid
+from sdepure.settings import Purifier
 from sdepure.solvers import solve
 
 MEANS = [[0.6, 0.0], [-0.6, 0.0], [0.0, 0.6]]
+
+
+def attacked(method, classifier, num_classes, model=None, t_star=None, steps=10, solver="euler", grad="exact",
+             votes=1, seed=0):
+    return AttackedModel(Purifier(method, t_star=t_star, steps=steps, solver=solver, grad=grad, votes=votes),
+                         classifier, num_classes, model, seed)
 
 
 class NearestMean(nn.Module):
@@ -122,7 +129,7 @@ def test_deviation_loss_matches_gaussian_closed_form():
     m, s = torch.tensor([0.2, -0.1], dtype=torch.float64), 0.3
     model = GaussianMixtureModel(GaussianMixture(m[None], [s]), LinearVP())
     classifier = NearestMean([[0.2, -0.1], [-0.5, 0.5], [0.5, 0.5]])
-    target = AttackedModel("diffpure", classifier, 3, model, 0.4, 100, "ode-rk4", "exact")
+    target = attacked("diffpure", classifier, 3, model, 0.4, 100, "ode-rk4", "exact")
     x = torch.tensor([[0.55, 0.5], [0.4, 0.6], [0.7, 0.3]], dtype=torch.float64)
     purified, dev = purify_with_states(target, x, seed=7)
 
@@ -155,7 +162,7 @@ def test_diffattack_loss_gradient_matches_finite_differences(gmm, grad, solver, 
     (measured 6e-5 at 20 steps): 1e-3."""
     model, classifier, x, y = gmm
     method = "densepure" if votes > 1 else "diffpure"
-    target = AttackedModel(method, classifier, 3, model, 0.3, 20, solver, grad, votes=votes)
+    target = attacked(method, classifier, 3, model, 0.3, 20, solver, grad, votes=votes)
     fixed = FixedRandomness(target, x, [0, 1, 2], seed=3, eps=0.01)
 
     def loss(z):
@@ -175,9 +182,9 @@ def test_diffattack_refuses_purifiers_without_states(gmm):
     model, classifier, _, _ = gmm
     for method, needle in (("none", "no purifier"), ("carlini", "one-shot")):
         with pytest.raises(SdepureError, match=needle):
-            check_diffattack(AttackedModel(method, classifier, 3, model, 0.3))
+            check_diffattack(attacked(method, classifier, 3, model, 0.3))
     with pytest.raises(SdepureError, match="BPDA"):
-        check_diffattack(AttackedModel("diffpure", classifier, 3, model, 0.3, 5, "euler", "bpda"))
+        check_diffattack(attacked("diffpure", classifier, 3, model, 0.3, 5, "euler", "bpda"))
 
 
 def test_dlr_loss_by_hand():
@@ -222,7 +229,7 @@ def test_eot_batch_estimates_the_same_expected_gradient(gmm):
     """The EOT gradient from 64 draws as one batch of rows and from 64 sequential calls estimate the
     same expectation: their difference is within 5 standard errors (per-draw spread measured)."""
     model, classifier, x, y = gmm
-    target = AttackedModel("diffpure", classifier, 3, model, 0.3, 8, "euler", "exact", seed=0)
+    target = attacked("diffpure", classifier, 3, model, 0.3, 8, "euler", "exact", seed=0)
     ce = lambda rows: nn.functional.cross_entropy(target(rows), y.repeat(rows.shape[0] // 3), reduction="none")  # noqa: E731
     _, g_batch = eot_gradient(ce, x, draws=64, batch=64)
     _, g_seq = eot_gradient(ce, x, draws=64, batch=1)
@@ -236,7 +243,7 @@ def test_eot_batch_estimates_the_same_expected_gradient(gmm):
 
 def test_fixed_randomness_is_per_example_and_batch_independent(gmm):
     model, classifier, x, y = gmm
-    target = AttackedModel("densepure", classifier, 3, model, 0.3, 5, "euler", "exact", votes=3)
+    target = attacked("densepure", classifier, 3, model, 0.3, 5, "euler", "exact", votes=3)
     fixed = FixedRandomness(target, x, [10, 11, 12], seed=1, eps=0.05)
     x_in = x + 0.02  # queries inside the balls
     a = fixed(x_in)
@@ -255,7 +262,7 @@ def test_fixed_randomness_is_per_example_and_batch_independent(gmm):
 
 def test_fixed_randomness_refuses_overlapping_balls(gmm):
     model, classifier, x, _ = gmm
-    target = AttackedModel("diffpure", classifier, 3, model, 0.3, 5)
+    target = attacked("diffpure", classifier, 3, model, 0.3, 5)
     with pytest.raises(SdepureError, match="apart"):
         FixedRandomness(target, x, [0, 1, 2], seed=0, eps=0.2)  # rows 0 and 1 are 0.15 apart in Linf
 
@@ -266,13 +273,13 @@ def test_diffattack_breaks_what_it_can_and_not_what_it_cannot(gmm):
     attack (10 iterations per round) must break every example the grid breaks, and none when
     eps is tiny. Results stay in the ball."""
     model, classifier, x, y = gmm
-    target = AttackedModel("diffpure", classifier, 3, model, 0.3, 6, "euler", "exact")
+    target = attacked("diffpure", classifier, 3, model, 0.3, 6, "euler", "exact")
     small = FixedRandomness(target, x, [0, 1, 2], seed=2, eps=0.005)
     assert (small.predict(x) == y).all()
     x_adv, _ = diffattack(target, x, y, 0.005, iters=5, eot=1, fixed=small, seed=0)
     assert (small.predict(x_adv) == y).all()
     assert float((x_adv - x).abs().max()) <= 0.005 + 1e-12
-    target = AttackedModel("diffpure", classifier, 3, model, 0.1, 6, "euler", "exact")
+    target = attacked("diffpure", classifier, 3, model, 0.1, 6, "euler", "exact")
     eps, breakable = 0.2, 0
     offsets = torch.linspace(-eps, eps, 41, dtype=torch.float64)
     grid = torch.cartesian_prod(offsets, offsets)
@@ -296,7 +303,7 @@ def test_diffattack_randomized_lowers_accuracy_and_deviation_rises(gmm):
     """Fresh randomness, EOT 8 as one batch: the deviated-reconstruction loss of the result exceeds
     the clean one on average over 64 draws, and the majority over 32 draws drops (all 4 right before)."""
     model, classifier, _, _ = gmm
-    target = AttackedModel("diffpure", classifier, 3, model, 0.1, 6, "euler", "exact", seed=0)
+    target = attacked("diffpure", classifier, 3, model, 0.1, 6, "euler", "exact", seed=0)
     xs = torch.tensor([[0.75, 0.5], [0.25, 0.5], [0.5, 0.78], [0.7, 0.6]], dtype=torch.float64)
     ys = torch.tensor([0, 1, 2, 0])
     x_adv, _ = diffattack(target, xs, ys, 0.12, iters=8, eot=8, seed=1, dev_weight=1.0)
