@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .brownian import Streams
 from .errors import SdepureError
 from .models.base import DiffusionModel
 from .purify import build_purifier, majority_vote, resolve_t_star
@@ -70,9 +71,9 @@ class AttackedModel(nn.Module):
         x_noisy = x + self.sigma * gaussian(x.shape, sub_seed(seed, 0), x)
         if self.grad == "bpda":
             with torch.no_grad():
-                out = self.purifier(x_noisy, sub_seed(seed, 1))
+                out = self.purifier(x_noisy, *path_address(seed))
             return x + (out - x).detach()
-        return self.purifier(x_noisy, sub_seed(seed, 1))
+        return self.purifier(x_noisy, *path_address(seed))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seed = self.next_seed()
@@ -94,6 +95,15 @@ def sub_seed(seed, *parts: int):
     if isinstance(seed, tuple):
         return tuple(derive_seed(s, *parts) for s in seed)
     return derive_seed(seed, *parts)
+
+
+def path_address(seed) -> tuple[int, Streams | None]:
+    """(seed, streams) of the reverse process's Brownian path: a batch seed addresses the batch;
+    row seeds give row r the path of stream derive_seed(seed_r, 1) (width 1), its own whatever
+    batch it runs in."""
+    if isinstance(seed, tuple):
+        return 0, Streams(tuple(derive_seed(s, 1) for s in seed), (0,) * len(seed), 1)
+    return derive_seed(seed, 1), None
 
 
 def gaussian(shape, seed, like: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .attacks import NORMS, AttackedModel, _project, eot_gradient, gaussian, sub_seed
+from .attacks import NORMS, AttackedModel, _project, eot_gradient, gaussian, path_address, sub_seed
 from .errors import SdepureError
 from .purify import majority_vote
 from .rng import derive_seed, generator
@@ -72,9 +72,10 @@ def purify_with_states(target: AttackedModel, x: torch.Tensor, seed) -> tuple[to
     p = target.purifier
     z = gaussian(x.shape, sub_seed(seed, 0), x)
     x_noisy = x + target.sigma * z
-    ab = float(p.model.schedule.alpha_bar(torch.tensor(p.t_star, dtype=torch.float64)))
-    x0, states, times = solve(p.model, ab ** 0.5 * (2 * x_noisy - 1), p.t_star, p.steps, sub_seed(seed, 1),
-                              p.solver, grad=p.grad, adjoint_method=p.adjoint_method, states=True)
+    path_seed, streams = path_address(seed)
+    x0, states, times = solve(p.model, p.ab ** 0.5 * (2 * x_noisy - 1), p.t_star, p.steps, path_seed, p.solver,
+                              grad=p.grad, adjoint_method=p.adjoint_method, eta=p.eta, rng=p.rng,
+                              streams=streams, precision=p.precision, states=True)
     ab_t = p.model.schedule.alpha_bar(times)
     ab_t[times == 0] = 1.0
     shape = (-1, *([1] * x.dim()))
@@ -86,9 +87,10 @@ def purify_with_states(target: AttackedModel, x: torch.Tensor, seed) -> tuple[to
 
 
 def defended(target: AttackedModel, x: torch.Tensor, seed, with_dev: bool = False):
-    """Logits the attack differentiates (DensePure: the mean over K votes) for examples x under
-    `seed` (an int for the batch, or one seed per example), and with_dev: each example's L_dev
-    (mean over its votes). With an int seed the logits equal AttackedModel.forward's."""
+    """(logits, dev, labels) for examples x under `seed` (an int for the batch, or one seed per
+    example): the logits the attack differentiates (DensePure: the mean over K votes; with an int
+    seed they equal AttackedModel.forward's), with_dev: each example's L_dev (mean over its
+    votes, else None), and the defense's own label in this draw (DensePure: the vote)."""
     k = target.votes
     xr = x.repeat_interleave(k, dim=0) if k > 1 else x
     seeds = vote_seeds(seed, k)
@@ -98,9 +100,12 @@ def defended(target: AttackedModel, x: torch.Tensor, seed, with_dev: bool = Fals
         purified, dev = target.purify(xr, seeds), None
     logits = target.classifier(purified)
     if k > 1:
+        labels = majority_vote(logits.detach().argmax(-1).reshape(x.shape[0], k), target.num_classes)
         logits = logits.reshape(x.shape[0], k, -1).mean(1)
         dev = dev.reshape(x.shape[0], k).mean(1) if dev is not None else None
-    return logits, dev
+    else:
+        labels = logits.detach().argmax(-1)
+    return logits, dev, labels
 
 
 class FixedRandomness(nn.Module):
@@ -144,8 +149,9 @@ class FixedRandomness(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return defended(self.target, x, self.example_seeds(x))[0]
 
-    def with_dev(self, x: torch.Tensor):
-        return defended(self.target, x, self.example_seeds(x), with_dev=True)
+    def with_dev(self, x: torch.Tensor, with_dev: bool = True):
+        """defended(...) under the fixed randomness: (logits, dev, labels)."""
+        return defended(self.target, x, self.example_seeds(x), with_dev=with_dev)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
@@ -199,27 +205,32 @@ def _in_ball(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -> tor
     return (x + _project(x_adv - x, eps, norm)).clamp(0, 1)
 
 
-def apgd_round(loss_and_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
+def apgd_round(loss_and_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+               x: torch.Tensor,
                eps: float, norm: str, iters: int, momentum: float = 0.75, seed: int = 0,
                progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DiffAttack's Algorithm 2 (APGD with momentum, step 2 eps halved at the checkpoints) for
-    one loss; loss_and_grad(x_adv) returns the per-example (EOT-averaged) loss and its gradient.
-    Starts from a uniformly random point of the ball (APGD's start); every example is updated in
-    every iteration; returns the iterate of largest loss per example, and that loss."""
+    one loss; loss_and_grad(x_adv) returns the per-example (EOT-averaged) loss, its gradient and
+    the share of the EOT draws the defense got wrong. Starts from a uniformly random point of the
+    ball (APGD's start); every example is updated in every iteration. Returns per example the
+    iterate with the largest share of wrong draws, ties to the largest loss (Algorithm 2 keeps
+    the largest loss; with L_dev in the loss that can be an iterate the defense gets right, so
+    misclassification ranks first, as APGD keeps its successful iterates), and that loss.
+    """
     u = torch.rand(x.shape, generator=generator(seed), dtype=x.dtype).to(x.device)
     x_k = _in_ball(x, x + _project((2 * u - 1) * eps, eps, norm), eps, norm)
     eta = torch.full((x.shape[0],) + (1,) * (x.dim() - 1), 2 * eps, dtype=x.dtype, device=x.device)
     checkpoints = set(apgd_checkpoints(iters))
-    loss, grad = loss_and_grad(x_k)
+    loss, grad, wrong = loss_and_grad(x_k)
     if progress:
         progress(1)
-    best, best_loss = x_k.clone(), loss.clone()
+    best, best_loss, best_wrong = x_k.clone(), loss.clone(), wrong.clone()
     x_prev = x_k
     x_k = _in_ball(x, x_k + eta * _step(grad, norm), eps, norm)
     for k in range(1, iters):
-        loss, grad = loss_and_grad(x_k)
-        better = loss > best_loss
-        best[better], best_loss[better] = x_k[better], loss[better]
+        loss, grad, wrong = loss_and_grad(x_k)
+        better = (wrong > best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
+        best[better], best_loss[better], best_wrong[better] = x_k[better], loss[better], wrong[better]
         if progress:
             progress(1)
         if k == iters - 1:
@@ -254,16 +265,23 @@ def diffattack(target: AttackedModel, x: torch.Tensor, y: torch.Tensor, eps: flo
     select_draws = eot if select_draws is None else select_draws
 
     def make_loss(kind: str):
-        def rows_loss(rows: torch.Tensor) -> torch.Tensor:
-            yr = y.repeat(rows.shape[0] // len(y))
-            if fixed is not None:
-                logits, dev = fixed.with_dev(rows) if dev_weight > 0 else (fixed(rows), None)
-            else:
-                logits, dev = defended(target, rows, target.next_seed(), with_dev=dev_weight > 0)
-            loss = cls_loss(kind, logits, yr)
-            return loss + dev_weight * dev if dev is not None else loss
+        def loss_and_grad(x_adv: torch.Tensor):
+            wrong = torch.zeros(len(y), dtype=x.dtype, device=x.device)
 
-        return lambda x_adv: eot_gradient(rows_loss, x_adv, eot, eot_batch)
+            def rows_loss(rows: torch.Tensor) -> torch.Tensor:
+                nonlocal wrong
+                yr = y.repeat(rows.shape[0] // len(y))
+                if fixed is not None:
+                    logits, dev, labels = fixed.with_dev(rows, dev_weight > 0)
+                else:
+                    logits, dev, labels = defended(target, rows, target.next_seed(), with_dev=dev_weight > 0)
+                wrong = wrong + (labels != yr).to(x.dtype).reshape(-1, len(y)).sum(0)
+                loss = cls_loss(kind, logits, yr)
+                return loss + dev_weight * dev if dev is not None else loss
+
+            mean, grad = eot_gradient(rows_loss, x_adv, eot, eot_batch)
+            return mean, grad, wrong / eot
+        return loss_and_grad
 
     rounds, info = [], {"losses": list(losses), "final_loss": {}}
     for r, kind in enumerate(losses):

@@ -2,30 +2,46 @@
 
 - torchsde methods on the reverse VP-SDE (`euler`, `milstein`, `heun`, `midpoint`,
   `euler_heun`, `reversible_heun`), driven by a GridBrownian addressed by `seed`;
-- torchdiffeq methods on the probability-flow ODE (`ode-euler`, `ode-midpoint`, `ode-rk4`,
-  `ode-dopri5`), deterministic;
-- `ddpm`: DDPM ancestral sampling on a time subsequence, as DensePure's authors ran it.
+- probability-flow ODE methods (`ode-euler`, `ode-midpoint`, `ode-rk4`, `ode-dopri5`),
+  deterministic: the fixed-step ones run here with torchdiffeq's formulas (its loop compares
+  device tensors every step), dopri5 and the adjoint run in torchdiffeq;
+- samplers on the time subsequence of `ddpm_times` (DensePure's rule; the model's own timesteps on
+  a table): `ddpm`, DDPM ancestral sampling as DensePure's authors ran it; `ddim`, DDIM
+  (Song et al. 2021), deterministic at eta = 0; `dpm-solver-2m`, DPM-Solver++(2M) (Lu et al. 2022),
+  a second-order multistep solver of the probability-flow ODE in data prediction.
 All take and return [-1, 1] images of any shape (batch first).
+
+Hot paths queue device work only: step times and coefficients are Python floats computed before
+the loop, times handed to torchsde live on the CPU, and the Gaussian draws can be made on the
+device (rng="device").
+
+Exact gradients (grad="exact") are input-only at every step count and for every method: each
+network call is recomputed in backward by sde.recomputed, and one-state methods from SEGMENT_FROM
+steps on also run in recomputed segments of ceil(sqrt(steps)) steps. The network's weights get no
+gradient, as with the adjoint.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.utils.checkpoint
 import torchdiffeq
 import torchsde
 
-from .brownian import GridBrownian, RowBrownian
+from . import precision as _precision
+from .brownian import GridBrownian, Streams
 from .errors import SdepureError
 from .models.base import DiffusionModel
+from .rng import check_rng
 from .schedules import DiscreteVP
-from .sde import ProbabilityFlowODE, ReverseVPSDE, time_grid
+from .sde import ProbabilityFlowODE, ReverseVPSDE, network_call, recomputed, time_grid
 
 SDE_METHODS = {"euler": "ito", "milstein": "ito", "heun": "stratonovich", "midpoint": "stratonovich",
                "euler_heun": "stratonovich", "reversible_heun": "stratonovich"}
 ODE_METHODS = {"ode-euler": "euler", "ode-midpoint": "midpoint", "ode-rk4": "rk4", "ode-dopri5": "dopri5"}
-SOLVERS = (*SDE_METHODS, *ODE_METHODS, "ddpm")
+SUBSEQUENCE_METHODS = ("ddpm", "ddim", "dpm-solver-2m")
+SOLVERS = (*SDE_METHODS, *ODE_METHODS, *SUBSEQUENCE_METHODS)
+NO_ADJOINT = SUBSEQUENCE_METHODS  # written here step by step: exact gradients only
 
 
 def check_solver(method: str) -> None:
@@ -51,38 +67,47 @@ def check_adjoint_method(method: str, adjoint_method: str | None) -> None:
                            f"choose from {', '.join(allowed) or 'none (not an SDE solver)'}")
 
 
-def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed,
+def check_eta(eta: float) -> None:
+    if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+        raise SdepureError(f"ddim eta must be in [0, 1], got {eta!r}")
+
+
+def _step_times(steps: int, dtype) -> torch.Tensor:
+    # on the CPU whatever the state's device: torchsde hands these times to f, g and the Brownian
+    # motion, and reading a CPU scalar is no device synchronisation
+    return torch.tensor([0.0, float(steps)], dtype=dtype)
+
+
+def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
                 method: str = "euler", t_end: float = 0.0, grad: str | None = None,
-                adjoint_method: str | None = None, states: bool = False):
+                adjoint_method: str | None = None, *, rng: str = "cpu", streams: Streams | None = None,
+                precision: str = "fp32", states: bool = False):
     """One reverse VP-SDE solve per row from t_start to t_end with torchsde.
 
     grad=None: torchsde.sdeint. grad="exact": the same solve, differentiated by autograd with
-    two levels of recomputation: each network call is checkpointed, and from SEGMENT_FROM steps
-    on (one-step methods) the solve runs in segments of ceil(sqrt(steps)) steps, each recomputed
-    as a whole in backward. Memory then grows with sqrt(steps) states and never holds more than
-    one network's activations, at the price of one more forward pass per step; the segments pass
-    gradients to the input only.
+    two levels of recomputation: each network call is recomputed in backward, and from
+    SEGMENT_FROM steps on (one-step methods) the solve runs in segments of ceil(sqrt(steps))
+    steps, each recomputed as a whole in backward. Memory then grows with sqrt(steps) states and
+    never holds more than one network's activations, at the price of one more forward pass per
+    step; gradients go to the input only.
     grad="adjoint": torchsde.sdeint_adjoint on the same grid and Brownian path, no gradient
     into the network's weights; adjoint_method defaults to the forward method's own scheme
     (adjoint_reversible_heun for reversible_heun: exact up to floating point).
-    `seed`: an int, or a tuple of one seed per row (RowBrownian: a row's path ignores the batch).
+    rng, streams: how the Brownian increments are drawn and addressed (brownian.GridBrownian).
     states=True returns (x at t_end, the states after steps 1..steps stacked on a new first axis),
-    differentiable in every gradient mode (the adjoint injects each state's gradient as it passes
-    that step backwards)."""
+    differentiable in every gradient mode (see _sde_states)."""
     check_adjoint_method(method, adjoint_method)
     grid = time_grid(t_start, t_end, steps)
-    sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method], checkpoint=grad == "exact")
+    sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method], checkpoint=grad == "exact",
+                       precision=precision)
     y0 = x.reshape(x.shape[0], -1)
-    bm = _brownian(seed, y0.shape, y0)
+    bm = GridBrownian(seed, y0.shape, dtype=y0.dtype, device=y0.device, rng=rng, streams=streams)
     if states:
-        traj = _sde_states(sde, y0, bm, method, steps, grad, adjoint_method)
-        traj = traj.reshape(steps, *x.shape)
-        return traj[-1], traj
+        return _as_states(_sde_states(sde, y0, bm, method, steps, grad, adjoint_method), x.shape)
     if grad == "adjoint":
         # integrating over [0, steps] with dt = 1 keeps only the endpoints in memory
-        ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
-        y = torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method=method, dt=1.0, adjoint_params=(),
-                                    adjoint_method=adjoint_method or ADJOINT_METHODS[method])[-1]
+        y = torchsde.sdeint_adjoint(sde, y0, _step_times(steps, y0.dtype), bm=bm, method=method, dt=1.0,
+                                    adjoint_params=(), adjoint_method=adjoint_method or ADJOINT_METHODS[method])[-1]
     elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM and method != "reversible_heun":
         y = _in_recomputed_segments(y0, steps, lambda y, k0, k1: _sde_segment(sde, y, bm, method, k0, k1))
     else:
@@ -90,17 +115,44 @@ def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: i
     return y.reshape(x.shape)
 
 
-def _brownian(seed, shape, like: torch.Tensor) -> GridBrownian:
-    if isinstance(seed, (tuple, list)):
-        return RowBrownian(seed, shape, dtype=like.dtype, device=like.device)
-    return GridBrownian(seed, shape, dtype=like.dtype, device=like.device)
+SEGMENT_FROM = 16  # below this, per-step states weigh nothing next to one network's activations
+# reversible_heun and dpm-solver-2m carry a second state from step to step, so a restart per
+# segment would change the solution; they recompute each network call only.
+
+
+def _in_recomputed_segments(y: torch.Tensor, steps: int, solve_segment) -> torch.Tensor:
+    """solve_segment(y, k0, k1) over consecutive segments of ceil(sqrt(steps)) steps, each
+    recomputed in backward (sde.recomputed)."""
+    length = math.isqrt(steps - 1) + 1
+    for k0 in range(0, steps, length):
+        k1 = min(k0 + length, steps)
+        y = recomputed(lambda y, k0=k0, k1=k1: solve_segment(y, k0, k1), y)
+    return y
+
+
+def _as_states(traj: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    traj = traj.reshape(traj.shape[0], *shape)
+    return traj[-1], traj
+
+
+def _states_in_recomputed_segments(y: torch.Tensor, steps: int, segment_states) -> torch.Tensor:
+    """As _in_recomputed_segments for segment_states(y, k0, k1) -> the states after steps
+    k0+1..k1 stacked (one tensor, recomputed once per segment in backward, which receives the
+    gradient of every state); returns all states (steps, ...)."""
+    length = math.isqrt(steps - 1) + 1
+    out = []
+    for k0 in range(0, steps, length):
+        k1 = min(k0 + length, steps)
+        out.append(recomputed(lambda y, k0=k0, k1=k1: segment_states(y, k0, k1), y))
+        y = out[-1][-1]
+    return torch.cat(out)
 
 
 def _sde_states(sde, y0, bm, method, steps, grad, adjoint_method) -> torch.Tensor:
     """(steps, B, D): the solution after each step, on the same grid and Brownian path as the
     endpoint-only solve. Output times at every integer step change nothing for these fixed-step
     methods with dt = 1 (reversible_heun keeps its second state across output times)."""
-    ts = torch.arange(steps + 1, dtype=y0.dtype, device=y0.device)
+    ts = torch.arange(steps + 1, dtype=y0.dtype)  # CPU, see _step_times
     if grad == "adjoint":
         # torchsde's adjoint resets its state to the stored forward state at every output time
         # and adds that state's loss gradient to the adjoint there
@@ -112,116 +164,71 @@ def _sde_states(sde, y0, bm, method, steps, grad, adjoint_method) -> torch.Tenso
     return torchsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=1.0)[1:]
 
 
-SEGMENT_FROM = 16  # below this, per-step states weigh nothing next to one network's activations
-# reversible_heun carries a second state from step to step, so a restart per segment would change
-# the solution; it is checkpointed per network call only.
-
-
-class _Recomputed(torch.autograd.Function):
-    """y -> run(y) without an autograd graph (torch.utils.checkpoint keeps one node per operation,
-    tens of kB per solver step); backward runs it again with autograd and returns the gradient
-    with respect to y only: the network's weights get none, as with the adjoint."""
-
-    @staticmethod
-    def forward(ctx, y, run):
-        ctx.run = run
-        ctx.save_for_backward(y)
-        return run(y)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (y,) = ctx.saved_tensors
-        with torch.enable_grad():
-            y = y.detach().requires_grad_(True)
-            (grad_y,) = torch.autograd.grad(ctx.run(y), y, grad_out)
-        return grad_y, None
-
-
-def _in_recomputed_segments(y: torch.Tensor, steps: int, solve_segment) -> torch.Tensor:
-    """solve_segment(y, k0, k1) over consecutive segments of ceil(sqrt(steps)) steps, each
-    recomputed in backward (_Recomputed)."""
-    length = math.isqrt(steps - 1) + 1
-    for k0 in range(0, steps, length):
-        k1 = min(k0 + length, steps)
-        y = _Recomputed.apply(y, lambda y, k0=k0, k1=k1: solve_segment(y, k0, k1))
-    return y
-
-
-class _RecomputedStates(torch.autograd.Function):
-    """As _Recomputed, for a segment that returns all its states (n, ...): backward receives the
-    gradient of every state (from later segments through the last one, and from losses on the
-    states themselves) and recomputes the segment once."""
-
-    @staticmethod
-    def forward(ctx, y, run):
-        ctx.run = run
-        ctx.save_for_backward(y)
-        return run(y)
-
-    @staticmethod
-    def backward(ctx, grad_states):
-        (y,) = ctx.saved_tensors
-        with torch.enable_grad():
-            y = y.detach().requires_grad_(True)
-            (grad_y,) = torch.autograd.grad(ctx.run(y), y, grad_states)
-        return grad_y, None
-
-
-def _states_in_recomputed_segments(y: torch.Tensor, steps: int, segment_states) -> torch.Tensor:
-    """segment_states(y, k0, k1) -> the states after steps k0+1..k1, over the same segments as
-    _in_recomputed_segments; returns all states (steps, ...)."""
-    length = math.isqrt(steps - 1) + 1
-    out = []
-    for k0 in range(0, steps, length):
-        k1 = min(k0 + length, steps)
-        seg = _RecomputedStates.apply(y, lambda y, k0=k0, k1=k1: segment_states(y, k0, k1))
-        out.append(seg)
-        y = seg[-1]
-    return torch.cat(out)
-
-
 def _sde_segment(sde: ReverseVPSDE, y: torch.Tensor, bm: GridBrownian, method: str, k0: int, k1: int):
     """Solve from step k0 to k1 on the shared grid and Brownian path (both addressed by k)."""
-    ts = torch.tensor([float(k0), float(k1)], dtype=y.dtype, device=y.device)
+    ts = torch.tensor([float(k0), float(k1)], dtype=y.dtype)  # CPU, see _step_times
     return torchsde.sdeint(sde, y, ts, bm=bm, method=method, dt=1.0)[-1]
+
+
+_ONE_THIRD, _TWO_THIRDS = 1 / 3, 2 / 3
+
+
+def _ode_steps(func: ProbabilityFlowODE, y: torch.Tensor, inner: str, k0: int, k1: int,
+               states: bool = False) -> torch.Tensor:
+    """Fixed steps k0 -> k1 (dk = 1) with torchdiffeq's formulas (rk4 is its 3/8-rule variant);
+    states=True: every state after k0, stacked."""
+    traj = []
+    for k in range(k0, k1):
+        f0 = func(k, y)
+        if inner == "euler":
+            y = y + f0
+        elif inner == "midpoint":
+            y = y + func(k + 0.5, y + 0.5 * f0)
+        else:
+            f1 = func(k + _ONE_THIRD, y + f0 * _ONE_THIRD)
+            f2 = func(k + _TWO_THIRDS, y + (f1 - f0 * _ONE_THIRD))
+            f3 = func(k + 1, y + (f0 - f1 + f2))
+            y = y + (f0 + 3 * (f1 + f2) + f3) * 0.125
+        if states:
+            traj.append(y)
+    return torch.stack(traj) if states else y
 
 
 def reverse_ode(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int,
                 method: str = "ode-euler", t_end: float = 0.0, rtol: float = 1e-5,
-                atol: float = 1e-5, grad: str | None = None, states: bool = False):
-    """Probability-flow ODE from t_start to t_end with torchdiffeq.odeint, or with
-    torchdiffeq.odeint_adjoint (no gradient into the network's weights) when grad="adjoint";
-    grad="exact" recomputes as reverse_sde does (fixed-step methods in segments).
-    states=True: (x at t_end, the states at steps 1..steps), as reverse_sde."""
+                atol: float = 1e-5, grad: str | None = None, *, precision: str = "fp32", states: bool = False):
+    """Probability-flow ODE from t_start to t_end: fixed-step methods step by step here,
+    ode-dopri5 with torchdiffeq.odeint; grad="adjoint": torchdiffeq.odeint_adjoint (no gradient
+    into the network's weights); grad="exact" recomputes as reverse_sde does (fixed-step methods
+    in segments). states=True: (x at t_end, the states at steps 1..steps), as reverse_sde."""
     grid = time_grid(t_start, t_end, steps)
-    func = ProbabilityFlowODE(model, grid, x.shape, checkpoint=grad == "exact")
+    func = ProbabilityFlowODE(model, grid, x.shape, checkpoint=grad == "exact", precision=precision)
     y0 = x.reshape(x.shape[0], -1)
-    ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
     inner = ODE_METHODS[method]
     options = {} if inner == "dopri5" else {"step_size": 1.0}
     if states:
         every = torch.arange(steps + 1, dtype=y0.dtype, device=y0.device)
-        if grad == "adjoint":
+        if grad == "adjoint":  # the adjoint adds each state's gradient at its output time
             traj = torchdiffeq.odeint_adjoint(func, y0, every, method=inner, rtol=rtol, atol=atol, options=options,
                                               adjoint_params=(), adjoint_options=dict(options))[1:]
-        elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM and inner != "dopri5":
-            traj = _states_in_recomputed_segments(y0, steps, lambda y, k0, k1: torchdiffeq.odeint(
-                func, y, every[k0:k1 + 1], method=inner, options=options)[1:])
-        else:
+        elif inner == "dopri5":
             traj = torchdiffeq.odeint(func, y0, every, method=inner, rtol=rtol, atol=atol, options=options)[1:]
-        traj = traj.reshape(steps, *x.shape)
-        return traj[-1], traj
+        elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM:
+            traj = _states_in_recomputed_segments(y0, steps, lambda y, k0, k1: _ode_steps(func, y, inner, k0, k1, True))
+        else:
+            traj = _ode_steps(func, y0, inner, 0, steps, True)
+        return _as_states(traj, x.shape)
     if grad == "adjoint":
+        ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
         y = torchdiffeq.odeint_adjoint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options,
                                        adjoint_params=(), adjoint_options=dict(options))[-1]
-    elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM and inner != "dopri5":
-        # fixed-step methods restart exactly at a segment boundary (dopri5 would re-adapt)
-        def ode_segment(y, k0, k1):
-            seg = torch.tensor([float(k0), float(k1)], dtype=y.dtype, device=y.device)
-            return torchdiffeq.odeint(func, y, seg, method=inner, options=options)[-1]
-        y = _in_recomputed_segments(y0, steps, ode_segment)
-    else:
+    elif inner == "dopri5":
+        ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
         y = torchdiffeq.odeint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options)[-1]
+    elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM:
+        y = _in_recomputed_segments(y0, steps, lambda y, k0, k1: _ode_steps(func, y, inner, k0, k1))
+    else:
+        y = _ode_steps(func, y0, inner, 0, steps)
     return y.reshape(x.shape)
 
 
@@ -238,64 +245,170 @@ def ddpm_times(schedule, t_start: float, steps: int) -> torch.Tensor:
     return torch.tensor(times + [0.0], dtype=torch.float64)
 
 
-def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed,
-                   clip_x0: bool = True, grad: str | None = None, states: bool = False):
+def _subsequence(model: DiffusionModel, t_start: float, steps: int, times=None):
+    """(times, alpha_bars) as Python floats; alpha_bar = 1 at t = 0 (where the table has none)."""
+    times = ddpm_times(model.schedule, t_start, steps) if times is None else torch.as_tensor(times, dtype=torch.float64)
+    ab = model.schedule.alpha_bar(times).tolist()
+    times = times.tolist()
+    if times[-1] == 0.0:
+        ab[-1] = 1.0
+    return times, ab
+
+
+def _x0(model, x, t, a, clip_x0, exact, precision):
+    """The model's x0 prediction at t (alpha_bar a), optionally clipped to the image range."""
+    eps = network_call(model.eps, x, t, exact, precision)
+    x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+    return x0.clamp(-1.0, 1.0) if clip_x0 else x0
+
+
+def _in_steps(x, n: int, exact: bool, step, states: bool = False):
+    """Apply step(x, k) for k < n, in recomputed segments for exact gradients from SEGMENT_FROM on.
+    states=True: (x after the last step, every state after each step stacked)."""
+    def run(x, k0, k1):
+        traj = []
+        for k in range(k0, k1):
+            x = step(x, k)
+            traj.append(x)
+        return torch.stack(traj) if states else x
+    segmented = exact and torch.is_grad_enabled() and n >= SEGMENT_FROM
+    if not states:
+        return _in_recomputed_segments(x, n, run) if segmented else run(x, 0, n)
+    traj = _states_in_recomputed_segments(x, n, run) if segmented else run(x, 0, n)
+    return traj[-1], traj
+
+
+def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
+                   clip_x0: bool = True, grad: str | None = None, *, rng: str = "cpu",
+                   streams: Streams | None = None, precision: str = "fp32", states: bool = False):
     """DDPM ancestral steps on a subsequence, betas re-derived from alpha_bar; no noise at the last step.
-    grad="exact" recomputes each network call in backward (checkpointing).
+    Step k adds increment k of the GridBrownian addressed by seed (and streams).
     states=True: (x at 0, the state after each step, at ddpm_times(...)[1:])."""
-    times = ddpm_times(model.schedule, t_start, steps)
-    ab = model.schedule.alpha_bar(times)
-    ab[-1] = 1.0
-    bm = _brownian(seed, x.shape, x)
-    traj = []
-    for k in range(len(times) - 1):
-        a, a_next = float(ab[k]), float(ab[k + 1])
-        t_vec = torch.full((x.shape[0],), float(times[k]), dtype=x.dtype, device=x.device)
-        if grad == "exact" and torch.is_grad_enabled():
-            eps = torch.utils.checkpoint.checkpoint(model.eps, x, t_vec, use_reentrant=False)
-        else:
-            eps = model.eps(x, t_vec)
-        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
+    times, ab = _subsequence(model, t_start, steps)
+    bm = GridBrownian(seed, x.shape, dtype=x.dtype, device=x.device, rng=rng, streams=streams)
+    n, exact = len(times) - 1, grad == "exact"
+
+    def step(x, k):
+        a, a_next = ab[k], ab[k + 1]
+        x0 = _x0(model, x, times[k], a, clip_x0, exact, precision)
         alpha = a / a_next
         mean = (a_next ** 0.5 * (1 - alpha) / (1 - a)) * x0 + (alpha ** 0.5 * (1 - a_next) / (1 - a)) * x
-        if k < len(times) - 2:
-            var = (1 - alpha) * (1 - a_next) / (1 - a)
-            x = mean + var ** 0.5 * bm.increment(k)
+        if k < n - 1:
+            return mean + ((1 - alpha) * (1 - a_next) / (1 - a)) ** 0.5 * bm.increment(k)
+        return mean
+    return _in_steps(x, n, exact, step, states)
+
+
+def ddim(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int = 0, eta: float = 0.0,
+         clip_x0: bool = True, grad: str | None = None, *, times=None, rng: str = "cpu",
+         streams: Streams | None = None, precision: str = "fp32", states: bool = False):
+    """DDIM (Song, Meng & Ermon 2021, eq. 12) on the subsequence of ddpm_times (or `times`, decreasing):
+        x0_k   = (x_k - sqrt(1 - a_k) eps(x_k, t_k)) / sqrt(a_k)     (clipped if clip_x0)
+        s_k    = eta sqrt((1 - a_{k+1}) / (1 - a_k)) sqrt(1 - a_k / a_{k+1})
+        x_{k+1} = sqrt(a_{k+1}) x0_k + sqrt(1 - a_{k+1} - s_k^2) eps_k + s_k z_k
+    with eps_k re-derived from the clipped x0_k. eta = 0: the deterministic, first-order
+    probability-flow sampler; eta = 1: the same chain as ddpm step for step (z_k is increment k of
+    the same GridBrownian)."""
+    check_eta(eta)
+    times, ab = _subsequence(model, t_start, steps, times)
+    bm = GridBrownian(seed, x.shape, dtype=x.dtype, device=x.device, rng=rng, streams=streams) if eta > 0 else None
+    n, exact = len(times) - 1, grad == "exact"
+    coefs = []
+    for k in range(n):
+        a, a_next = ab[k], ab[k + 1]
+        s = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
+        coefs.append((a, a_next, s, math.sqrt(max(1 - a_next - s * s, 0.0))))
+
+    def step(x, k):
+        a, a_next, s, c = coefs[k]
+        x0 = _x0(model, x, times[k], a, clip_x0, exact, precision)
+        x_next = a_next ** 0.5 * x0
+        if c > 0:
+            x_next = x_next + (c / (1 - a) ** 0.5) * (x - a ** 0.5 * x0)
+        if s > 0:
+            x_next = x_next + s * bm.increment(k)
+        return x_next
+    return _in_steps(x, n, exact, step, states)
+
+
+def dpm_solver_2m(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, clip_x0: bool = True,
+                  grad: str | None = None, *, times=None, precision: str = "fp32", states: bool = False):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) on the subsequence of ddpm_times (or `times`).
+    With alpha_k = sqrt(a_k), sigma_k = sqrt(1 - a_k), lambda_k = log(alpha_k / sigma_k),
+    h_k = lambda_{k+1} - lambda_k and D_k the data prediction x0(x_k, t_k):
+        x_{k+1} = (sigma_{k+1} / sigma_k) x_k - alpha_{k+1} (exp(-h_k) - 1) Dhat_k
+        Dhat_0 = D_0;  Dhat_k = (1 + 1 / (2 r_k)) D_k - 1 / (2 r_k) D_{k-1},  r_k = h_{k-1} / h_k.
+    A step that ends at t = 0 (sigma = 0, lambda = infinity) is the first-order limit x = D_k.
+    One network call per step; the multistep history makes it second order in the step size."""
+    times, ab = _subsequence(model, t_start, steps, times)
+    n, exact = len(times) - 1, grad == "exact"
+    plan = []  # per step: (ratio sigma_{k+1}/sigma_k, alpha_{k+1}(exp(-h) - 1), 1/(2 r) or None)
+    h_prev = None
+    for k in range(n):
+        a, a_next = ab[k], ab[k + 1]
+        if a_next >= 1.0:
+            plan.append(None)
+            continue
+        lam = 0.5 * math.log(a / (1 - a))
+        lam_next = 0.5 * math.log(a_next / (1 - a_next))
+        h = lam_next - lam
+        w = None if h_prev is None else h / (2 * h_prev)  # 1 / (2 r_k)
+        plan.append((math.sqrt((1 - a_next) / (1 - a)), math.sqrt(a_next) * math.expm1(-h), w))
+        h_prev = h
+    d_prev, traj = None, []
+    for k in range(n):
+        d = _x0(model, x, times[k], ab[k], clip_x0, exact, precision)
+        if plan[k] is None:
+            x = d
         else:
-            x = mean
-        if states:
-            traj.append(x)
+            ratio, phi, w = plan[k]
+            d_hat = d if w is None else (1 + w) * d - w * d_prev
+            x = ratio * x - phi * d_hat
+        d_prev = d
+        traj.append(x)
     return (x, torch.stack(traj)) if states else x
 
 
 GRADS = (None, "exact", "adjoint")
 
 
-def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed,
+def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
           method: str = "euler", clip_x0: bool = True, grad: str | None = None,
-          adjoint_method: str | None = None, states: bool = False):
+          adjoint_method: str | None = None, *, eta: float = 0.0, rng: str = "cpu",
+          streams: Streams | None = None, precision: str = "fp32", states: bool = False):
     """Dispatch on `method` (see SOLVERS); returns the reverse-process output at t = 0.
-    `clip_x0` clips ddpm's x0 predictions to [-1, 1] (images); the other solvers ignore it.
-    `grad`: None (plain autograd), "exact" (checkpointed autograd) or "adjoint".
-    `seed`: an int, or a tuple of one seed per row (the row's Brownian path / ancestral noise).
+    `clip_x0` clips the x0 predictions of ddpm, ddim and dpm-solver-2m to [-1, 1] (images); the
+    other solvers ignore it. `grad`: None (plain autograd), "exact" (recomputed autograd, input
+    gradient only) or "adjoint". `eta`: ddim's noise level. `rng` ("cpu" or "device") and
+    `streams` (brownian.Streams) say how the Gaussian draws are made and addressed. `precision`:
+    autocast of the network ("fp32", "bf16", "fp16"; see precision.py).
     states=True returns (x at 0, states, times): the state after every step (n, *x.shape),
-    differentiable in the same gradient mode, and the float64 times they sit at (n,)."""
+    differentiable in the same gradient mode (DiffAttack's intermediate states), and the float64
+    times they sit at (n,)."""
     check_solver(method)
+    check_rng(rng)
+    _precision.check_precision(precision)
     if grad not in GRADS:
         raise SdepureError(f"unknown gradient mode {grad!r} for the solver")
+    if method != "ddim" and eta != 0.0:
+        raise SdepureError(f"eta applies to the ddim solver only (solver is {method})")
     if method in SDE_METHODS:
         out = reverse_sde(model, x, t_start, steps, seed, method, grad=grad, adjoint_method=adjoint_method,
-                          states=states)
+                          rng=rng, streams=streams, precision=precision, states=states)
     elif method in ODE_METHODS:
-        out = reverse_ode(model, x, t_start, steps, method, grad=grad, states=states)
+        out = reverse_ode(model, x, t_start, steps, method, grad=grad, precision=precision, states=states)
     elif grad == "adjoint":
-        raise SdepureError("the ddpm sampler has no adjoint; use grad exact, or an SDE/ODE solver")
+        raise SdepureError(f"the {method} sampler has no adjoint; use grad exact, or an SDE/ODE solver")
+    elif method == "ddpm":
+        out = ddpm_ancestral(model, x, t_start, steps, seed, clip_x0, grad=grad, rng=rng, streams=streams,
+                             precision=precision, states=states)
+    elif method == "ddim":
+        out = ddim(model, x, t_start, steps, seed, eta, clip_x0, grad=grad, rng=rng, streams=streams,
+                   precision=precision, states=states)
     else:
-        out = ddpm_ancestral(model, x, t_start, steps, seed, clip_x0, grad=grad, states=states)
+        out = dpm_solver_2m(model, x, t_start, steps, clip_x0, grad=grad, precision=precision, states=states)
     if not states:
         return out
-    times = (ddpm_times(model.schedule, t_start, steps) if method == "ddpm"
+    times = (ddpm_times(model.schedule, t_start, steps) if method in SUBSEQUENCE_METHODS
              else time_grid(t_start, 0.0, steps))[1:]
     return (*out, times)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sdepure import attacks
-from sdepure.attacks import AttackedModel, eot_gradient, relative_error
+from sdepure.attacks import AttackedModel, eot_gradient, path_address, relative_error
 from sdepure.diffattack import (FixedRandomness, apgd_checkpoints, check_diffattack, cls_loss, defended,
                                 diffattack, dlr_loss, purify_with_states)
 from sdepure.errors import SdepureError
@@ -46,7 +46,7 @@ def gmm():
 
 # -- solver states ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["euler", "heun", "ode-rk4", "ddpm"])
+@pytest.mark.parametrize("method", ["euler", "heun", "ode-rk4", "ddpm", "ddim", "dpm-solver-2m"])
 def test_states_are_the_solution_at_each_step(gmm, method):
     """State k equals a solve that stops at t_k on the same grid and path; the last is the output."""
     model, _, x, _ = gmm
@@ -56,7 +56,7 @@ def test_states_are_the_solution_at_each_step(gmm, method):
     assert states.shape == (steps, *x.shape) and times.shape == (steps,)
     assert torch.equal(out, solve(model, xt, 0.3, steps, seed=4, method=method))
     assert torch.equal(states[-1], out) and float(times[-1]) == 0.0
-    if method != "ddpm":  # ddpm's subsequence has no t_end; its times come from ddpm_times
+    if method not in ("ddpm", "ddim", "dpm-solver-2m"):  # subsequence samplers: times from ddpm_times
         assert torch.allclose(times, time_grid(0.3, 0.0, steps)[1:])
         from sdepure.solvers import reverse_ode, reverse_sde
         for k in (1, 3):
@@ -67,7 +67,8 @@ def test_states_are_the_solution_at_each_step(gmm, method):
             assert torch.allclose(states[k - 1], part, atol=1e-12)
 
 
-@pytest.mark.parametrize("method,steps", [("euler", 20), ("euler", 5), ("ode-euler", 20), ("ddpm", 20)])
+@pytest.mark.parametrize("method,steps", [("euler", 20), ("euler", 5), ("ode-euler", 20), ("ddpm", 20),
+                                          ("dpm-solver-2m", 20)])
 def test_exact_state_gradients_equal_plain_backprop(gmm, method, steps):
     """Recomputed segments (from 16 steps) give the gradient of a loss on all states bit for bit
     up to rounding (rel. error < 1e-12)."""
@@ -106,17 +107,25 @@ def test_adjoint_state_gradients_exact_for_reversible_heun(gmm):
 
 
 def test_row_seeds_make_a_row_independent_of_its_batch(gmm):
+    """attacks.path_address gives each row its own Brownian stream (brownian.Streams, width 1)."""
     model, _, x, _ = gmm
     xt = (2 * x - 1)
     seeds = (11, 12, 13)
-    batch = solve(model, xt, 0.3, 5, seed=seeds, method="euler")
+    def euler(x, row_seeds):
+        seed, streams = path_address(row_seeds)
+        return solve(model, x, 0.3, 5, seed, "euler", streams=streams)
+
+    batch = euler(xt, seeds)
     for i in range(3):
-        alone = solve(model, xt[i:i + 1], 0.3, 5, seed=(seeds[i],), method="euler")
+        alone = euler(xt[i:i + 1], (seeds[i],))
         assert torch.equal(batch[i], alone[0])
-    reordered = solve(model, xt.flip(0), 0.3, 5, seed=seeds[::-1], method="ddpm")
-    assert torch.equal(reordered.flip(0), solve(model, xt, 0.3, 5, seed=seeds, method="ddpm"))
+    seed, streams = path_address(seeds[::-1])
+    reordered = solve(model, xt.flip(0), 0.3, 5, seed, "ddpm", streams=streams)
+    seed, streams = path_address(seeds)
+    assert torch.equal(reordered.flip(0), solve(model, xt, 0.3, 5, seed, "ddpm", streams=streams))
+    assert not torch.equal(batch, solve(model, xt, 0.3, 5, 11, method="euler"))
     with pytest.raises(SdepureError):
-        solve(model, xt, 0.3, 5, seed=(1, 2), method="euler")
+        euler(xt, (1, 2))
 
 
 # -- the deviated-reconstruction loss -------------------------------------------------------------
@@ -166,7 +175,7 @@ def test_diffattack_loss_gradient_matches_finite_differences(gmm, grad, solver, 
     fixed = FixedRandomness(target, x, [0, 1, 2], seed=3, eps=0.01)
 
     def loss(z):
-        logits, dev = fixed.with_dev(z)
+        logits, dev, _ = fixed.with_dev(z)
         return (cls_loss("ce", logits, y) + dev).sum()
 
     xa = x.clone().requires_grad_(True)
@@ -253,6 +262,7 @@ def test_fixed_randomness_is_per_example_and_batch_independent(gmm):
     # it is the defense under that one draw: the example's seed through AttackedModel.purify
     seeds = tuple(s for s in fixed.seeds)
     assert torch.equal(a, defended(target, x_in, seeds)[0])
+    assert torch.equal(defended(target, x_in, seeds)[2], fixed.predict(x_in))
     # and differs from a fresh draw
     target.reset(0)
     assert not torch.equal(a, target(x_in))
@@ -270,14 +280,16 @@ def test_fixed_randomness_refuses_overlapping_balls(gmm):
 def test_diffattack_breaks_what_it_can_and_not_what_it_cannot(gmm):
     """Under fixed randomness the defense is a deterministic map of a 2-D input, so a 41 x 41 grid
     over the eps-ball (within the image box) says whether the example can be broken at all: the
-    attack (10 iterations per round) must break every example the grid breaks, and none when
-    eps is tiny. Results stay in the ball."""
+    optimiser (10 APGD iterations per round, CE then DLR) must break every example the grid
+    breaks, and none when eps is tiny. Results stay in the ball. The deviation weight is 0 here:
+    in 2-D a 0.2 step moves x_t by as much as the whole classification margin, and with lambda = 1
+    L_dev can steer the iterates away from every misclassified point (seen for (0.5, 0.8))."""
     model, classifier, x, y = gmm
     target = attacked("diffpure", classifier, 3, model, 0.3, 6, "euler", "exact")
     small = FixedRandomness(target, x, [0, 1, 2], seed=2, eps=0.005)
-    assert (small.predict(x) == y).all()
-    x_adv, _ = diffattack(target, x, y, 0.005, iters=5, eot=1, fixed=small, seed=0)
-    assert (small.predict(x_adv) == y).all()
+    own = small.predict(x)  # the defense's clean prediction under this fixed draw
+    x_adv, _ = diffattack(target, x, own, 0.005, iters=5, eot=1, fixed=small, seed=0)
+    assert (small.predict(x_adv) == own).all()
     assert float((x_adv - x).abs().max()) <= 0.005 + 1e-12
     target = attacked("diffpure", classifier, 3, model, 0.1, 6, "euler", "exact")
     eps, breakable = 0.2, 0
@@ -290,7 +302,7 @@ def test_diffattack_breaks_what_it_can_and_not_what_it_cannot(gmm):
             ys = fixed.predict(xs)  # attack the defense's own clean prediction
             points = (xs + grid).clamp(0, 1)
             can_break = bool((fixed.predict(points) != ys).any())
-            x_adv, info = diffattack(target, xs, ys, eps, iters=10, eot=1, fixed=fixed, seed=seed)
+            x_adv, info = diffattack(target, xs, ys, eps, iters=10, eot=1, fixed=fixed, seed=seed, dev_weight=0.0)
             assert float((x_adv - xs).abs().max()) <= eps + 1e-12
             assert set(info["final_loss"]) == {"ce", "dlr"}
             broke = bool((fixed.predict(x_adv) != ys).all())
