@@ -203,15 +203,22 @@ def eot_gradient(loss_rows: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, version: str,
-               seed: int, batch: int, device) -> tuple[torch.Tensor, dict]:
+               seed: int, batch: int, device, n_iter: int | None = None,
+               eot_iter: int | None = None) -> tuple[torch.Tensor, dict]:
     """The official AutoAttack (PyPI pyautoattack), run attack by attack on the examples still
-    robust, so each broken example is attributed to the attack that broke it."""
+    robust, so each broken example is attributed to the attack that broke it. n_iter, eot_iter:
+    APGD's iterations and EOT draws (None: the version's own, 100 and 20 for rand)."""
     try:
         from pyautoattack import AutoAttack
     except ImportError:
         raise SdepureError("AutoAttack needs the pyautoattack package: pip install pyautoattack") from None
     aa = AutoAttack(model, device=device, eps=eps, norm=norm, seed=seed, version=version)
     aa.verbose = False
+    for apgd in (aa.apgd, aa.apgd_targeted):
+        if n_iter is not None:
+            apgd.n_iter = n_iter
+        if eot_iter is not None:
+            apgd.eot_iter = eot_iter
     order = list(aa.attacks_to_run)
     with torch.no_grad():
         clean = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]) == y
