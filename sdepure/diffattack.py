@@ -230,7 +230,9 @@ def apgd_round(loss_and_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch
     for k in range(1, iters):
         loss, grad, wrong = loss_and_grad(x_k)
         better = (wrong > best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
-        best[better], best_loss[better], best_wrong[better] = x_k[better], loss[better], wrong[better]
+        # torch.where, not masked assignment: no device-to-host sync on a GPU
+        best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_k, best)
+        best_loss, best_wrong = torch.where(better, loss, best_loss), torch.where(better, wrong, best_wrong)
         if progress:
             progress(1)
         if k == iters - 1:
