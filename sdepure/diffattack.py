@@ -38,23 +38,18 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import settings
 from .attacks import NORMS, AttackedModel, _project, eot_gradient, gaussian, path_address, sub_seed
 from .errors import SdepureError
 from .purify import majority_vote
 from .rng import derive_seed, generator
 from .solvers import solve
 
-STATE_METHODS = ("diffpure", "densepure")  # purifiers with a reverse process (intermediate states)
 CLS_LOSSES = ("ce", "dlr")
 
 
 def check_diffattack(target: AttackedModel) -> None:
-    if target.method not in STATE_METHODS:
-        raise SdepureError(f"--diffattack needs the intermediate states of a reverse process; method "
-                           f"{target.method} has none ({'no purifier' if target.method == 'none' else 'one-shot denoising'})"
-                           f"; use --pgd or --autoattack")
-    if target.grad == "bpda":
-        raise SdepureError("--diffattack needs gradients through the reverse process; BPDA has none")
+    settings.check_diffattack(target.settings)
 
 
 def vote_seeds(seeds, votes: int):

@@ -176,6 +176,16 @@ PGD_BUDGET = {"pgd": {"pgd_steps": 200, "eot": 20, "step_size": 0.007},
 DIFFATTACK_METHODS = ("diffpure", "densepure")  # purifiers with intermediate reverse-process states
 
 
+def check_diffattack(p: Purifier) -> None:
+    """DiffAttack's loss lives on the intermediate states of a reverse process, reached by gradients."""
+    if p.method not in DIFFATTACK_METHODS:
+        what = "no purifier" if p.method == "none" else "one-shot denoising, no reverse process"
+        raise SdepureError(f"--diffattack needs the intermediate states of a reverse process; method "
+                           f"{p.method} has none ({what}); use --pgd or --autoattack")
+    if p.grad == "bpda":
+        raise SdepureError("--diffattack needs gradients through the reverse process; BPDA has none")
+
+
 @dataclass(frozen=True)
 class Attack:
     """An adaptive attack on the purified classifier and how its result is scored."""
@@ -230,12 +240,7 @@ class Attack:
                 if self.step_size is not None:
                     raise SdepureError("--step-size applies to --pgd and --bpda; DiffAttack steps 2 eps, halved "
                                        "at APGD's checkpoints")
-                if self.purifier.method not in DIFFATTACK_METHODS:
-                    what = "no purifier" if self.purifier.method == "none" else "one-shot denoising, no reverse process"
-                    raise SdepureError(f"--diffattack needs the intermediate states of a reverse process; method "
-                                       f"{self.purifier.method} has none ({what}); use --pgd or --autoattack")
-                if self.purifier.grad == "bpda":
-                    raise SdepureError("--diffattack needs gradients through the reverse process; BPDA has none")
+                check_diffattack(self.purifier)
                 set_("dev_weight", as_float("dev_weight", 1.0 if self.dev_weight is None else self.dev_weight))
                 if not self.dev_weight >= 0:
                     raise SdepureError(f"dev-weight must be >= 0, got {self.dev_weight}")
