@@ -15,15 +15,15 @@ DiffAttack maximises L = L_cls + lambda L_dev with an APGD-style loop (their Alg
   is the EOT average over draws).
 - optimiser: 100 iterations, momentum 0.75, step size 2 eps halved at APGD's checkpoints,
   20 EOT draws, every example optimised in every iteration (including ones already
-  misclassified: one wrong draw of a randomized defense does not make the example broken), the
-  iterate of largest loss kept.
+  misclassified: one wrong draw of a randomized defense does not make the example broken); kept:
+  the iterate with the largest share of wrong EOT draws, then the largest loss (apgd_round).
 - gradients: --grad exact (solvers recompute segments of sqrt(steps) steps: constant memory
   in the spirit of the paper's segment-wise forwarding-backwarding) or --grad adjoint: torchsde's
   adjoint with an output time at every step resets its state to the stored forward state there
   and adds that state's loss gradient to the adjoint, so L_dev flows through the adjoint with
   memory for the states only. What the adjoint cannot give: exact gradients for its
-  discretisation (first order for Euler; exact up to rounding only for reversible_heun), and no
-  adjoint exists for the ddpm sampler. BPDA has no gradient through the states, so DiffAttack
+  discretisation (Euler: order 1/2 with the per-step resets; exact up to rounding only for
+  reversible_heun), and the ddpm, ddim and dpm-solver-2m samplers have no adjoint. BPDA has no gradient through the states, so DiffAttack
   refuses it, as it refuses purifiers without a reverse process (none, carlini).
 
 Fixed randomness (FixedRandomness): each example's forward noise z and Brownian path are
