@@ -82,12 +82,20 @@ class Smooth:
         return int(top2[0])
 
 
+def format_row(row: dict) -> str:
+    """One line of certify.tsv (Cohen's columns idx label predict radius correct time)."""
+    return (f"{row['idx']}\t{row['label']}\t{row['predict']}\t{row['radius']:.4f}\t"
+            f"{row['correct']}\t{row['time']:.3f}\n")
+
+
 def certify_images(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, indices, n0: int, n: int,
                    alpha: float, batch: int, seed: int, tsv=None,
-                   progress: Callable[[int], None] | None = None, device=None) -> list[dict]:
-    """CERTIFY each image x[i], i in indices, with a seed addressed by (seed, i). `x` only needs
-    x[i] (images may be read lazily); each goes to `device`. Rows go to the open text file `tsv`
-    (Cohen's format) as soon as they are known."""
+                   progress: Callable[[int], None] | None = None, device=None,
+                   on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """CERTIFY each image x[i], i in indices, with a seed addressed by (seed, i), so a row does
+    not depend on which other images ran, in which shard or order. `x` only needs x[i] (images
+    may be read lazily); each goes to `device`. Each row goes to the open text file `tsv`
+    (Cohen's format) in one write, flushed, as soon as it is known, then to `on_row`."""
     import time
 
     rows = []
@@ -99,7 +107,8 @@ def certify_images(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, indices, n0
                "correct": int(pred == int(y[i])), "time": time.time() - start}
         rows.append(row)
         if tsv is not None:
-            tsv.write(f"{row['idx']}\t{row['label']}\t{row['predict']}\t{row['radius']:.4f}\t"
-                      f"{row['correct']}\t{row['time']:.3f}\n")
+            tsv.write(format_row(row))
             tsv.flush()
+        if on_row is not None:
+            on_row(row)
     return rows
