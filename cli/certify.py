@@ -10,6 +10,7 @@ from click.core import ParameterSource
 from sdepure import distributed, experiments, runs
 from sdepure.config import load_config
 from sdepure.errors import SdepureError
+from sdepure.precision import PRECISIONS
 from sdepure.settings import METHODS, certify_from_config
 from sdepure.solvers import SOLVERS
 
@@ -27,6 +28,8 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--votes", type=int, help="DensePure: reverse runs per noise draw (K).")
 @click.option("--steps", type=int, help="Reverse-process steps.")
 @click.option("--solver", type=str, help=f"One of {', '.join(SOLVERS)}.")
+@click.option("--eta", type=float, help="ddim solver: noise level in [0, 1] (0, the default: deterministic).")
+@click.option("--precision", type=str, help=f"Network arithmetic: {', '.join(PRECISIONS)} (autocast; fp32 default).")
 @click.option("--batch", type=int, help="Noise draws per forward pass (x votes rows).")
 @click.option("--start", type=int, help="First test image index.")
 @click.option("--stop", type=int, help="Stop before this image index.")
@@ -35,8 +38,8 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--resume", type=click.Path(path_type=Path),
               help="Continue the run in this directory (its recorded settings; flags given must agree).")
 @common_options
-def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, batch, start, stop, skip, shard,
-            resume, seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
+def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta, precision, batch, start, stop,
+            skip, shard, resume, seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
     """Certify a purified classifier with randomized smoothing (Cohen et al.).
 
     Writes run.json at the start, certify.tsv (idx label predict radius correct time) row by row,
@@ -49,7 +52,8 @@ def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, batc
     part = runs.parse_shard(shard) if shard is not None else None
     if part is not None and env.active:
         raise SdepureError("--shard and torchrun both split the images; use one of them")
-    overrides = dict(name=method, sigma=sigma, votes=votes, steps=steps, solver=solver, n0=n0, n=n, alpha=alpha,
+    overrides = dict(name=method, sigma=sigma, votes=votes, steps=steps, solver=solver, eta=eta,
+                     precision=precision, n0=n0, n=n, alpha=alpha,
                      batch=batch, start=start, stop=stop, skip=skip, seed=seed if given["seed"] else None)
     if resume is not None:
         if out is not None:

@@ -18,27 +18,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .brownian import Streams
 from .errors import SdepureError
 from .models.base import DiffusionModel
-from .schedules import DiscreteVP
-from .brownian import Streams
 from .precision import check_precision, prepare
 from .precision import run as _run_net
 from .rng import check_rng
+from .schedules import DiscreteVP
 from .sde import network_call
 from .settings import Purifier
-from .solvers import check_eta, solve
+from .solvers import ODE_METHODS, check_eta, solve
 
+DETERMINISTIC = (*ODE_METHODS, "dpm-solver-2m")  # and ddim at eta = 0
 DEFAULT_T_RULE = {"carlini": "first", "diffpure": "nearest", "densepure": "nearest"}
 
 
 class Identity(nn.Module):
+    deterministic = True
+
     def forward(self, x, seed: int, streams: Streams | None = None):
         return x
 
 
 class OneShot(nn.Module):
     """Carlini et al.: the model's x0 prediction at t*, clipped to the image range."""
+    deterministic = True
 
     def __init__(self, model: DiffusionModel, t_star: float, precision: str = "fp32"):
         super().__init__()
@@ -74,6 +78,13 @@ class ReverseProcess(nn.Module):
         self.eta, self.rng, self.precision = float(eta), rng, precision
         self.ab = float(model.schedule.alpha_bar(torch.tensor(self.t_star, dtype=torch.float64)))
         prepare(model)
+
+    @property
+    def deterministic(self) -> bool:
+        """No noise: every run from the same input gives the same output (PF-ODE solvers,
+        dpm-solver-2m, ddim at eta = 0, and one ddpm step: the x0 prediction)."""
+        return (self.solver in DETERMINISTIC or (self.solver == "ddim" and self.eta == 0.0)
+                or (self.solver == "ddpm" and self.steps == 1))
 
     def forward(self, x, seed: int, streams: Streams | None = None):
         """`streams` addresses each row's noise (brownian.Streams); None: one plain solve."""
@@ -127,7 +138,8 @@ class PurifiedClassifier(nn.Module):
     early_stop (default): evaluate the runs in chunks and stop an input's vote as soon as its
     winner can no longer change (vote_decided); the predicted labels are those of the full vote.
     Chunks are sized by votes_to_decide, so no run is evaluated that a one-run-at-a-time vote
-    would have skipped. precision: autocast of the classifier (see precision.py)."""
+    would have skipped; with a deterministic purifier all runs are the same, so one is evaluated.
+    precision: autocast of the classifier (see precision.py)."""
 
     def __init__(self, purifier: nn.Module, classifier: nn.Module, num_classes: int, votes: int = 1,
                  early_stop: bool = True, precision: str = "fp32"):
@@ -164,6 +176,8 @@ class PurifiedClassifier(nn.Module):
     def predict(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         if self.votes == 1 or not self.early_stop:
             return majority_vote(self.vote_logits(x, seed).argmax(-1), self.num_classes)
+        if getattr(self.purifier, "deterministic", False):  # K equal labels: their vote is the label
+            return self.run_logits(x, seed, [0])[0].argmax(-1)
         counts = torch.zeros(x.shape[0], self.num_classes, dtype=torch.long)
         active, done = torch.arange(x.shape[0]), 0
         while len(active):
@@ -196,11 +210,13 @@ def build_purifier(settings: Purifier, model: DiffusionModel | None, grad: str |
         raise SdepureError(f"method {settings.method} needs a diffusion model")
     t_star = resolve_t_star(settings, model.schedule)
     if settings.method == "carlini":
-        return OneShot(model, t_star)
-    return ReverseProcess(model, t_star, settings.steps, settings.solver, grad, settings.adjoint_method)
+        return OneShot(model, t_star, precision=settings.precision)
+    return ReverseProcess(model, t_star, settings.steps, settings.solver, grad, settings.adjoint_method,
+                          eta=settings.eta, precision=settings.precision)
 
 
 def build(settings: Purifier, model: DiffusionModel | None, classifier: nn.Module,
           num_classes: int) -> PurifiedClassifier:
     """The purified base classifier for certification (no gradients)."""
-    return PurifiedClassifier(build_purifier(settings, model), classifier, num_classes, settings.votes)
+    return PurifiedClassifier(build_purifier(settings, model), classifier, num_classes, settings.votes,
+                              precision=settings.precision)

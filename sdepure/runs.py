@@ -108,6 +108,9 @@ def config_from_record(record: dict) -> dict:
               "solver": p["solver"]}
     if p.get("t_rule") is not None:
         method["t_rule"] = p["t_rule"]
+    for key in ("eta", "precision"):  # absent from records written before they existed
+        if key in p:
+            method[key] = p[key]
     certify = {k: s[k] for k in ("n0", "n", "alpha", "batch", "start", "stop", "skip") if s.get(k) is not None}
     return {"name": record.get("config_name") or "run", "source": record.get("config_source") or "",
             **json.loads(json.dumps(record["config"])), "method": method, "certify": certify}
