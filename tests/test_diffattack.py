@@ -331,3 +331,27 @@ def test_diffattack_randomized_lowers_accuracy_and_deviation_rises(gmm):
     assert maj_clean == 1.0
     assert dev_adv > dev_clean
     assert maj_adv < maj_clean and any_adv <= any_clean
+
+
+def test_states_make_no_host_device_traffic_per_step():
+    """The states path keeps the solvers' GPU discipline (see test_sde): on the meta device no
+    host read of a device value, and with rng="device" no per-step copy from the host."""
+    from sdepure.brownian import Streams
+    from sdepure.schedules import DiscreteVP
+    from sdepure.solvers import SOLVERS
+    from test_sde import _HostTraffic, _meta_model
+    model = _meta_model(DiscreteVP.linear(1000))
+    x = torch.empty(4, 1, 8, 8, device="meta")
+    streams = Streams((0, 0, 1, 1), (0, 1, 1, 0), 2)
+    solve(model, x, 0.3, 2, 0, "euler", rng="device", streams=streams, states=True)  # one-time set-up
+    for method in SOLVERS:
+        if method == "ode-dopri5":  # adaptive: reads its error estimate by design
+            continue
+        copies = {}
+        for steps in (2, 4):
+            with _HostTraffic() as watch:
+                out, states, times = solve(model, x, 0.3, steps, 0, method, grad="exact", rng="device",
+                                           streams=streams, states=True)
+            assert states.device.type == "meta" and watch.reads == 0, method
+            copies[steps] = watch.copies
+        assert copies[4] == copies[2] <= 1, (method, copies)
