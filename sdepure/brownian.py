@@ -19,7 +19,7 @@ import torch
 from torchsde import BaseBrownian
 
 from .errors import SdepureError
-from .rng import Draws, derive_seed
+from .rng import Draws, derive_seed, to_device
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,13 @@ class GridBrownian(BaseBrownian):
         self._groups = []
         for s, rows in by_stream.items():
             src = [streams.row[r] for r in rows]
-            index = None if src == list(range(streams.width)) else torch.tensor(src, device=self._device)
+            index = None if src == list(range(streams.width)) else to_device(torch.tensor(src), self._device)
             self._groups.append((derive_seed(self.seed, s), index))
         self._width = streams.width
         if order != list(range(len(order))):
             inverse = torch.empty(len(order), dtype=torch.long)
             inverse[torch.tensor(order)] = torch.arange(len(order))
-            self._inverse = inverse.to(self._device)
+            self._inverse = to_device(inverse, self._device)
 
     def increment(self, k: int) -> torch.Tensor:
         if self._groups is None:

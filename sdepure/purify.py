@@ -23,7 +23,7 @@ from .errors import SdepureError
 from .models.base import DiffusionModel
 from .precision import check_precision, prepare
 from .precision import run as _run_net
-from .rng import check_rng
+from .rng import check_rng, to_device
 from .schedules import DiscreteVP
 from .sde import network_call
 from .settings import Purifier
@@ -161,7 +161,7 @@ class PurifiedClassifier(nn.Module):
         draws = list(range(x.shape[0])) if draws is None else list(draws)
         runs = list(runs)
         streams = Streams.blocks(runs, draws, x.shape[0])
-        xs = x if len(draws) == x.shape[0] else x[torch.tensor(draws, device=x.device)]
+        xs = x if len(draws) == x.shape[0] else x[to_device(torch.tensor(draws), x.device)]
         xr = xs.repeat(len(runs), *([1] * (x.dim() - 1)))
         logits = self.classify(self.purifier(xr, seed, streams=streams))
         return logits.reshape(len(runs), len(draws), -1)
