@@ -1,0 +1,230 @@
+"""Overhead of sdepure's solvers and of CERTIFY over their network-call floor (issue 9, item 1).
+
+(a) One reverse solve through `sdepure.solvers.solve` against a hand-written loop doing the same
+    network calls and the same Gaussian draws (same seeds, so both give the same output: the
+    JSON reports the largest difference as a check that the floor does the same work), for
+    euler, ddpm, ode-euler and heun, at the digits default shape (250 draws x K=10 rows, 10
+    steps, the shipped eps-MLP) and with a tiny MLP, where fixed per-step costs dominate.
+(b) One image's CERTIFY (the digits default: DensePure K=10, 10 Euler steps, n0=32, n=400,
+    batch 250) against its NFE floor: the same number of score-network and classifier forward
+    passes at the same batch sizes on pre-made inputs, nothing else.
+
+Each figure is the minimum over --repeats runs, the two sides of a ratio alternating in the same
+process. Prints one JSON object on stdout and writes a markdown table (--md).
+
+    python benchmarks/overhead.py [--repeats 7] [--threads 1] [--md benchmarks/overhead.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+
+import torch
+
+from sdepure.classifiers import build_classifier
+from sdepure.config import load_config
+from sdepure.data import load_digits
+from sdepure.models import build_score_model
+from sdepure.models.base import EpsNetModel
+from sdepure.models.digits import DigitsEpsMLP
+from sdepure.purify import build, t_star_for
+from sdepure.rng import derive_seed
+from sdepure.schedules import LinearVP
+from sdepure.sde import time_grid
+from sdepure.smoothing import Smooth
+from sdepure.solvers import ddpm_times, solve
+
+METHODS = ("euler", "ddpm", "ode-euler", "heun")
+TARGETS = {"digits": 1.05, "tiny": 1.5, "certify": 1.10}
+
+
+# ---------------------------------------------------------------- floors: hand-written loops
+def _draw(gen: torch.Generator, shape, seed: int, k: int) -> torch.Tensor:
+    """The Brownian increment of step k, drawn as GridBrownian does (one re-seeded generator)."""
+    gen.manual_seed(derive_seed(seed, k))
+    return torch.randn(shape, generator=gen)
+
+
+def floor_solve(model: EpsNetModel, x: torch.Tensor, t_star: float, steps: int, seed: int, method: str):
+    """The same network calls and draws as solve(), with coefficients as Python floats."""
+    net, sched, t_min = model.net, model.schedule, model.t_min
+    n = x.shape[0]
+    gen = torch.Generator()
+    if method == "ddpm":
+        times = ddpm_times(sched, t_star, steps)
+        ab = sched.alpha_bar(times).tolist()
+        ab[-1] = 1.0
+        times = times.tolist()
+        for k in range(len(times) - 1):
+            a, a_next = ab[k], ab[k + 1]
+            eps = net(x, torch.full((n,), max(times[k], t_min), dtype=x.dtype))
+            x0 = ((x - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1.0, 1.0)
+            alpha = a / a_next
+            x = (math.sqrt(a_next) * (1 - alpha) / (1 - a)) * x0 + (math.sqrt(alpha) * (1 - a_next) / (1 - a)) * x
+            if k < len(times) - 2:
+                x = x + math.sqrt((1 - alpha) * (1 - a_next) / (1 - a)) * _draw(gen, x.shape, seed, k)
+        return x
+    grid = time_grid(t_star, 0.0, steps).tolist()
+    h = grid[0] - grid[1]
+
+    def drift(x, t, weight):  # h beta (x/2 + weight * score), score = -eps / sqrt(1 - alpha_bar)
+        te = max(t, t_min)
+        std = math.sqrt(-math.expm1(float(sched.log_alpha_bar(torch.tensor(te, dtype=torch.float32)))))
+        eps = net(x, torch.full((n,), te, dtype=x.dtype))
+        hb = h * float(sched.beta(torch.tensor(t, dtype=torch.float64)))
+        return hb * (0.5 * x - (weight / std) * eps)
+
+    def noise_scale(t):
+        return math.sqrt(h * float(sched.beta(torch.tensor(t, dtype=torch.float64))))
+
+    for k in range(steps):
+        t0, t1 = grid[k], grid[k + 1]
+        if method == "ode-euler":
+            x = x + drift(x, t0, 0.5)
+        elif method == "euler":
+            x = x + drift(x, t0, 1.0) + noise_scale(t0) * _draw(gen, x.shape, seed, k)
+        elif method == "heun":  # Stratonovich Heun: predictor, then the trapezoid on both ends
+            dw = _draw(gen, x.shape, seed, k)
+            f0, g0 = drift(x, t0, 1.0), noise_scale(t0) * dw
+            xp = x + f0 + g0
+            x = x + 0.5 * (f0 + drift(xp, t1, 1.0) + g0 + noise_scale(t1) * dw)
+        else:
+            raise ValueError(method)
+    return x
+
+
+def nfe(method: str, steps: int) -> int:
+    return 2 * steps if method == "heun" else steps
+
+
+# ---------------------------------------------------------------- timing
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(a, b, repeats: int) -> tuple[float, float]:
+    """min over repeats of each side, alternating a and b (after one warm-up of each)."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(timed(a))
+        tb.append(timed(b))
+    return min(ta), min(tb)
+
+
+def tiny_model() -> EpsNetModel:
+    torch.manual_seed(0)
+    return EpsNetModel(DigitsEpsMLP(width=16, blocks=1, emb_dim=16), LinearVP()).eval()
+
+
+def solve_rows(cfg: dict, repeats: int, methods, tiny_rows: int) -> list[dict]:
+    m = cfg["method"]
+    sigma, votes, steps = float(m["sigma"]), int(m["votes"]), int(m["steps"])
+    draws = int(cfg["certify"]["batch"])
+    digits = build_score_model(cfg["model"])
+    x, _ = load_digits("test")
+    rows = []
+    for name, model, n in (("digits", digits, draws * votes), ("tiny", tiny_model(), tiny_rows)):
+        t_star = t_star_for(model.schedule, sigma, "densepure")
+        gen = torch.Generator().manual_seed(1)
+        x0 = x[0].expand(n, *x.shape[1:])
+        xt = math.sqrt(float(model.schedule.alpha_bar(torch.tensor(t_star, dtype=torch.float64)))) * \
+            (2 * (x0 + sigma * torch.randn(x0.shape, generator=gen)) - 1)
+        for method in methods:
+            seed = 12345
+            with torch.no_grad():
+                ref, fl = solve(model, xt, t_star, steps, seed, method), floor_solve(model, xt, t_star, steps, seed, method)
+                t_solve, t_floor = compare(lambda: solve(model, xt, t_star, steps, seed, method),
+                                           lambda: floor_solve(model, xt, t_star, steps, seed, method), repeats)
+            rows.append({"model": name, "rows": n, "steps": steps, "method": method, "nfe": nfe(method, steps),
+                         "solve_s": t_solve, "floor_s": t_floor, "ratio": t_solve / t_floor,
+                         "target": TARGETS[name], "max_abs_diff": float((ref - fl).abs().max())})
+            print(json.dumps(rows[-1]), file=__import__("sys").stderr)
+    return rows
+
+
+def certify_row(cfg: dict, repeats: int) -> dict:
+    m, c = cfg["method"], cfg["certify"]
+    sigma, votes, steps, solver = float(m["sigma"]), int(m["votes"]), int(m["steps"]), m["solver"]
+    n0, n, alpha, batch = int(c["n0"]), int(c["n"]), float(c["alpha"]), int(c["batch"])
+    model = build_score_model(cfg["model"])
+    classifier = build_classifier(cfg["classifier"], num_classes=10)
+    base = build(m["name"], model, classifier, 10, sigma, votes=votes, steps=steps, solver=solver)
+    smooth = Smooth(base.predict, 10, sigma)
+    x, _ = load_digits("test")
+    image = x[0]
+    # the floor: the same forward passes at the same batch sizes (rows = draws x K), nothing else
+    sizes = [min(batch, k - s) for k in (n0, n) for s in range(0, k, batch)]
+    calls_per_batch = steps * (2 if solver == "heun" else 1)
+    inputs = [torch.rand(b * votes, *image.shape, generator=torch.Generator().manual_seed(b)) for b in sizes]
+    times = [torch.full((r.shape[0],), 0.1) for r in inputs]
+    net = model.net
+
+    def floor():
+        for xr, tr in zip(inputs, times):
+            for _ in range(calls_per_batch):
+                net(xr, tr)
+            classifier(xr)
+
+    with torch.no_grad():
+        t_cert, t_floor = compare(lambda: smooth.certify(image, n0, n, alpha, batch, seed=7), floor, repeats)
+    return {"what": f"CERTIFY one image: {m['name']} K={votes}, {steps} {solver} steps, n0={n0}, n={n}, batch {batch}",
+            "network_calls": calls_per_batch * len(sizes), "classifier_calls": len(sizes),
+            "rows_per_call": [b * votes for b in sizes], "certify_s": t_cert, "floor_s": t_floor,
+            "ratio": t_cert / t_floor, "target": TARGETS["certify"]}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Overhead over the network-call floor (min of {result['repeats']} repeats, "
+             f"{result['threads']} torch thread(s); {result['note']})", "",
+             "| model | rows x steps | method | NFE | solve (s) | floor (s) | ratio | target |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["solve"]:
+        lines.append(f"| {r['model']} | {r['rows']} x {r['steps']} | {r['method']} | {r['nfe']} | "
+                     f"{r['solve_s']:.4f} | {r['floor_s']:.4f} | {r['ratio']:.3f} | <= {r['target']} |")
+    c = result.get("certify")
+    if c:
+        lines += ["", "| CERTIFY | network + classifier calls | certify (s) | floor (s) | ratio | target |",
+                  "| --- | --- | --- | --- | --- | --- |",
+                  f"| {c['what']} | {c['network_calls']} + {c['classifier_calls']} | {c['certify_s']:.3f} | "
+                  f"{c['floor_s']:.3f} | {c['ratio']:.3f} | <= {c['target']} |"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--tiny-rows", type=int, default=2500, help="rows of the tiny-MLP solve")
+    ap.add_argument("--parts", default="solve,certify")
+    ap.add_argument("--md", default=os.path.join(os.path.dirname(__file__), "overhead.md"),
+                    help="markdown table to write ('' for none)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config("digits")
+    load0 = os.getloadavg()
+    result = {"repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
+              "machine": platform.machine(), "cpus": os.cpu_count(), "loadavg_before": load0,
+              "note": "timings on a shared machine are noisy; re-run quietly"}
+    parts = args.parts.split(",")
+    if "solve" in parts:
+        result["solve"] = solve_rows(cfg, args.repeats, args.methods.split(","), args.tiny_rows)
+    if "certify" in parts:
+        result["certify"] = certify_row(cfg, args.repeats)
+    result.setdefault("solve", [])
+    result["loadavg_after"] = os.getloadavg()
+    print(json.dumps(result, indent=1))
+    if args.md:
+        with open(args.md, "w") as fh:
+            fh.write(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
