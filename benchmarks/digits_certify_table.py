@@ -6,13 +6,13 @@ sigmas (the README table). Prints one JSON object; per-run files go under --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 
-from sdepure_cli.main import run
+from sdepure import experiments
+from sdepure.config import load_config
+from sdepure.settings import certify_from_config
 
 METHODS = ("none", "carlini", "diffpure", "densepure")
 
@@ -31,22 +31,16 @@ def main() -> None:
     ap.add_argument("--solver", default="euler")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    cfg = load_config("digits")
     results = {}
     for sigma in args.sigmas.split(","):
         for method in args.methods.split(","):
-            out = args.out / f"{method}-sigma{sigma}"
-            cmd = ["certify", "--method", method, "--sigma", sigma, "--skip", str(args.skip),
-                   "--n0", str(args.n0), "--n", str(args.n), "--alpha", str(args.alpha),
-                   "--steps", str(args.steps), "--solver", args.solver, "--seed", str(args.seed),
-                   "--out", str(out), "--start", "0"]
-            if method == "densepure":
-                cmd += ["--votes", str(args.votes)]
+            settings = certify_from_config(cfg, dict(
+                name=method, sigma=float(sigma), votes=args.votes if method == "densepure" else None,
+                steps=args.steps, solver=args.solver, n0=args.n0, n=args.n, alpha=args.alpha, batch=None,
+                start=0, skip=args.skip, seed=args.seed))
             start = time.time()
-            with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON
-                code = run(cmd)
-            if code != 0:
-                sys.exit(f"run failed: {' '.join(cmd)}")
-            summary = json.loads((out / "summary.json").read_text())
+            summary = experiments.certify(cfg, settings, "cpu", args.out / f"{method}-sigma{sigma}")
             results[f"{method}@{sigma}"] = {"certified_accuracy": summary["certified_accuracy"],
                                             "images": summary["images"], "seconds": time.time() - start}
     print(json.dumps({"benchmark": "digits_certify_table", "settings": vars(args) | {"out": str(args.out)},

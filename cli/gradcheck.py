@@ -15,7 +15,8 @@ from sdepure.config import load_config, merged
 from sdepure.data import load_dataset, take
 from sdepure.errors import SdepureError
 from sdepure.models import build_score_model
-from sdepure.solvers import SDE_METHODS, check_adjoint_method, check_solver
+from sdepure.settings import Purifier, as_int
+from sdepure.solvers import SDE_METHODS
 
 from .common import apply_paths, check_out, common_options, default_out, make_out, resolve_device
 
@@ -32,8 +33,9 @@ def _build(spec: dict):
     classifier = build_classifier(cfg["classifier"], spec["allow_pickle"], num_classes).to(dev)
     if spec["dtype"] == "float64":
         model, classifier = model.double(), classifier.double()
-    target = attacks.AttackedModel(spec["method"], classifier, num_classes, model, spec["t_star"], spec["steps"],
-                                   spec["solver"], spec["grad"], 1, spec["adjoint_method"], spec["seed"])
+    settings = Purifier(spec["method"], t_star=spec["t_star"], steps=spec["steps"], solver=spec["solver"],
+                        grad=spec["grad"], adjoint_method=spec["adjoint_method"])
+    target = attacks.AttackedModel(settings, classifier, num_classes, model, spec["seed"])
     return target, x, y
 
 
@@ -86,25 +88,18 @@ def gradcheck(config_name, method, steps_list, solver, adjoint_method, t_star, n
     cfg = apply_paths(load_config(config_name), *paths)
     if method not in ("diffpure", "densepure"):
         raise SdepureError("gradcheck compares gradients through the reverse process: method diffpure or densepure")
-    try:
-        steps = [int(s) for s in steps_list.split(",")]
-    except ValueError:
-        raise SdepureError(f"--steps must be comma-separated integers, got {steps_list!r}") from None
-    if not steps or min(steps) < 1:
-        raise SdepureError("--steps must be >= 1")
-    if n_examples < 1:
-        raise SdepureError(f"--n-examples must be >= 1, got {n_examples}")
-    check_solver(solver)
+    steps = [as_int("--steps", s.strip(), 1) for s in steps_list.split(",")]
+    as_int("--n-examples", n_examples, 1)
+    t_star = t_star if t_star is not None else merged(cfg, "attack", {}).get("t_star", 0.1)
+    adjoint_mode = "adjoint" if solver in SDE_METHODS else "ode"
     if solver == "ddpm":
         raise SdepureError("the ddpm sampler has no adjoint; choose an SDE or ODE solver")
-    check_adjoint_method(solver, adjoint_method)
-    t_star = float(t_star if t_star is not None else merged(cfg, "attack", {}).get("t_star", 0.1))
-    if not 0 < t_star <= 1:
-        raise SdepureError(f"t* must be in (0, 1], got {t_star}")
+    for mode in ("exact", adjoint_mode):  # validate both settings before any work
+        t_star = Purifier(method, t_star=t_star, steps=steps[0], solver=solver, grad=mode,
+                          adjoint_method=adjoint_method if mode == "adjoint" else None).t_star
     dev = resolve_device(device)
     out = check_out(out or default_out("gradcheck", cfg["name"], solver))
     make_out(out)
-    adjoint_mode = "adjoint" if solver in SDE_METHODS else "ode"
     rows = []
     click.echo(f"sdepure gradcheck: {method} on {cfg['name']}, t*={t_star}, solver {solver}, "
                f"{n_examples} examples, {'float64' if use_float64 else 'float32'}")

@@ -25,52 +25,29 @@ from torch import nn
 
 from .errors import SdepureError
 from .models.base import DiffusionModel
-from .purify import OneShot, ReverseProcess, majority_vote
+from .purify import build_purifier, majority_vote, resolve_t_star
 from .rng import derive_seed, generator, randn
 from .schedules import sigma_for_alpha_bar
-from .solvers import ODE_METHODS
-
-GRAD_MODES = ("exact", "adjoint", "bpda", "ode")
-NORMS = ("Linf", "L2")
-ATTACK_METHODS = ("none", "carlini", "diffpure", "densepure")
-
+from .settings import NORMS, Purifier
 
 class AttackedModel(nn.Module):
-    """[0, 1] images -> logits, differentiable through the purifier as `grad` says.
+    """[0, 1] images -> logits, differentiable through the purifier as `settings.grad` says.
 
     Every forward call draws fresh randomness, call c using seed derive_seed(seed, c), as a
     randomized defense does; `reset(seed)` restarts the sequence. The networks' weights are frozen.
+    `settings` (validated once, see sdepure.settings) gives t* directly or through sigma.
     """
 
-    def __init__(self, method: str, classifier: nn.Module, num_classes: int, model: DiffusionModel | None = None,
-                 t_star: float | None = None, steps: int = 10, solver: str = "euler", grad: str = "exact",
-                 votes: int = 1, adjoint_method: str | None = None, seed: int = 0):
+    def __init__(self, settings: Purifier, classifier: nn.Module, num_classes: int,
+                 model: DiffusionModel | None = None, seed: int = 0):
         super().__init__()
-        if method not in ATTACK_METHODS:
-            raise SdepureError(f"unknown method {method!r}; choose from {', '.join(ATTACK_METHODS)}")
-        if grad not in GRAD_MODES:
-            raise SdepureError(f"unknown gradient mode {grad!r}; choose from {', '.join(GRAD_MODES)}")
-        if votes < 1 or (votes > 1 and method != "densepure"):
-            raise SdepureError(f"votes must be 1 for {method} and >= 1 for densepure, got {votes}")
-        if steps < 1:
-            raise SdepureError(f"steps must be >= 1, got {steps}")
-        if method != "none":
-            if model is None or t_star is None:
-                raise SdepureError(f"method {method} needs a diffusion model and t*")
-            if not 0 < t_star <= 1:
-                raise SdepureError(f"t* must be in (0, 1], got {t_star}")
-        if grad == "ode":
-            solver = solver if solver in ODE_METHODS else "ode-euler"
-        self.method, self.classifier, self.num_classes, self.model = method, classifier, num_classes, model
-        self.t_star, self.steps, self.solver, self.grad = t_star, steps, solver, grad
-        self.votes, self.adjoint_method = votes, adjoint_method
-        if method == "carlini":
-            self.purifier = OneShot(model, t_star)
-        elif method in ("diffpure", "densepure"):
-            solver_grad = {"exact": "exact", "adjoint": "adjoint", "ode": "adjoint", "bpda": None}[grad]
-            self.purifier = ReverseProcess(model, t_star, steps, solver, solver_grad, adjoint_method)
-        if method != "none":
-            ab = float(model.schedule.alpha_bar(torch.tensor(t_star, dtype=torch.float64)))
+        self.settings = settings
+        self.method, self.classifier, self.num_classes, self.model = settings.method, classifier, num_classes, model
+        self.votes, self.grad = settings.votes, settings.grad
+        self.purifier = build_purifier(settings, model, settings.solver_grad)
+        if settings.method != "none":
+            self.t_star = resolve_t_star(settings, model.schedule)
+            ab = float(model.schedule.alpha_bar(torch.tensor(self.t_star, dtype=torch.float64)))
             self.sigma = sigma_for_alpha_bar(ab)
         for p in self.parameters():
             p.requires_grad_(False)
@@ -180,10 +157,6 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
         from pyautoattack import AutoAttack
     except ImportError:
         raise SdepureError("AutoAttack needs the pyautoattack package: pip install pyautoattack") from None
-    if version not in ("standard", "rand"):
-        raise SdepureError(f"unknown AutoAttack version {version!r}; choose standard or rand")
-    if norm not in NORMS:
-        raise SdepureError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
     aa = AutoAttack(model, device=device, eps=eps, norm=norm, seed=seed, version=version)
     aa.verbose = False
     order = list(aa.attacks_to_run)
@@ -206,21 +179,6 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
         per_attack[attack] = float(robust.double().mean())
     return x_adv, {"attacks": order, "clean_flags": clean.tolist(), "robust_flags": robust.tolist(),
                    "broken_by": broken_by, "accuracy_after": per_attack}
-
-
-def parse_eps(text: str) -> float:
-    """'8/255', '0.03' or '0.5' -> float >= 0."""
-    try:
-        if "/" in text:
-            num, den = text.split("/")
-            value = float(num) / float(den)
-        else:
-            value = float(text)
-    except (ValueError, ZeroDivisionError):
-        raise SdepureError(f"malformed eps {text!r}; give a number such as 0.03 or a fraction such as 8/255") from None
-    if not value >= 0 or value != value or value == float("inf"):
-        raise SdepureError(f"eps must be a finite number >= 0, got {text}")
-    return value
 
 
 def input_gradient(model: AttackedModel, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:

@@ -21,9 +21,9 @@ from torch import nn
 from .errors import SdepureError
 from .models.base import DiffusionModel
 from .schedules import DiscreteVP
-from .solvers import SDE_METHODS, check_adjoint_method, check_solver, solve
+from .settings import Purifier
+from .solvers import solve
 
-METHODS = ("none", "carlini", "diffpure", "densepure")
 DEFAULT_T_RULE = {"carlini": "first", "diffpure": "nearest", "densepure": "nearest"}
 
 
@@ -53,13 +53,6 @@ class ReverseProcess(nn.Module):
     def __init__(self, model: DiffusionModel, t_star: float, steps: int, solver: str = "euler",
                  grad: str | None = None, adjoint_method: str | None = None):
         super().__init__()
-        check_solver(solver)
-        if steps < 1:
-            raise SdepureError(f"steps must be >= 1, got {steps}")
-        if grad == "adjoint" and solver == "ddpm":
-            raise SdepureError("the ddpm sampler has no adjoint; use exact gradients or an SDE/ODE solver")
-        if grad == "adjoint" and solver in SDE_METHODS:
-            check_adjoint_method(solver, adjoint_method)
         self.model, self.t_star, self.steps, self.solver = model, float(t_star), int(steps), solver
         self.grad, self.adjoint_method = grad, adjoint_method
 
@@ -104,18 +97,26 @@ def t_star_for(schedule, sigma: float, method: str, rule: str | None = None) -> 
     return schedule.t_star(sigma)
 
 
-def build(method: str, model: DiffusionModel | None, classifier: nn.Module, num_classes: int, sigma: float,
-          votes: int = 1, steps: int = 10, solver: str = "euler", t_rule: str | None = None) -> PurifiedClassifier:
-    """The purified classifier for `method` at smoothing noise `sigma`."""
-    if method not in METHODS:
-        raise SdepureError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if method != "densepure" and votes != 1:
-        raise SdepureError(f"votes apply to densepure only (got votes={votes} with {method})")
-    if method == "none":
-        return PurifiedClassifier(Identity(), classifier, num_classes)
+def resolve_t_star(settings: Purifier, schedule) -> float:
+    """t* given directly, or the time whose noise level matches sigma on this schedule."""
+    if settings.t_star is not None:
+        return settings.t_star
+    return t_star_for(schedule, settings.sigma, settings.method, settings.t_rule)
+
+
+def build_purifier(settings: Purifier, model: DiffusionModel | None, grad: str | None = None) -> nn.Module:
+    """The purifier module for `settings` (identity for method none)."""
+    if settings.method == "none":
+        return Identity()
     if model is None:
-        raise SdepureError(f"method {method} needs a diffusion model")
-    t_star = t_star_for(model.schedule, sigma, method, t_rule)
-    if method == "carlini":
-        return PurifiedClassifier(OneShot(model, t_star), classifier, num_classes)
-    return PurifiedClassifier(ReverseProcess(model, t_star, steps, solver), classifier, num_classes, votes)
+        raise SdepureError(f"method {settings.method} needs a diffusion model")
+    t_star = resolve_t_star(settings, model.schedule)
+    if settings.method == "carlini":
+        return OneShot(model, t_star)
+    return ReverseProcess(model, t_star, settings.steps, settings.solver, grad, settings.adjoint_method)
+
+
+def build(settings: Purifier, model: DiffusionModel | None, classifier: nn.Module,
+          num_classes: int) -> PurifiedClassifier:
+    """The purified base classifier for certification (no gradients)."""
+    return PurifiedClassifier(build_purifier(settings, model), classifier, num_classes, settings.votes)

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+
+from .errors import SdepureError
 
 TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 
@@ -68,3 +71,25 @@ def write_json(path: Path, obj: dict) -> None:
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2, sort_keys=False)
         fh.write("\n")
+
+
+def check_out(out: Path) -> Path:
+    """Refuse an existing output; check the nearest existing parent is writable."""
+    if out.exists():
+        raise SdepureError(f"output {out} already exists; choose another --out (nothing was overwritten)")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SdepureError(f"cannot write output {out}: {parent} is not a writable directory")
+    return out
+
+
+def make_out(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise SdepureError(f"output {out} already exists; choose another --out (nothing was overwritten)") from None
+    except OSError as e:
+        raise SdepureError(f"cannot create output directory {out}: {e.strerror}") from None
+    return out

@@ -10,6 +10,13 @@ from sdepure.errors import SdepureError
 from sdepure.models import build_score_model
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.schedules import LinearVP
+from sdepure.settings import Purifier
+
+def attacked(method, classifier, num_classes, model=None, t_star=None, steps=10, solver="euler", grad="exact",
+             votes=1, seed=0):
+    return AttackedModel(Purifier(method, t_star=t_star, steps=steps, solver=solver, grad=grad, votes=votes),
+                         classifier, num_classes, model, seed)
+
 
 MEANS = [[0.6, 0.0], [-0.6, 0.0], [0.0, 0.6]]
 
@@ -41,7 +48,7 @@ def digits():
 def test_reversible_heun_adjoint_is_exact_on_gmm(gmm_target):
     """Adjoint (torchsde adjoint_reversible_heun) against exact backprop, float64: rel. error < 1e-9."""
     model, classifier, x, y = gmm_target
-    grads = {g: input_gradient(AttackedModel("diffpure", classifier, 3, model, 0.3, 40, "reversible_heun", g),
+    grads = {g: input_gradient(attacked("diffpure", classifier, 3, model, 0.3, 40, "reversible_heun", g),
                                x, y, seed=1) for g in ("exact", "adjoint")}
     assert grads["exact"].abs().sum() > 0
     assert relative_error(grads["adjoint"], grads["exact"]) < 1e-9
@@ -52,11 +59,11 @@ def test_euler_adjoint_converges_on_gmm(gmm_target):
     model, classifier, x, y = gmm_target
     errors = []
     for steps in (25, 200):
-        g = {m: input_gradient(AttackedModel("diffpure", classifier, 3, model, 0.3, steps, "euler", m), x, y, 2)
+        g = {m: input_gradient(attacked("diffpure", classifier, 3, model, 0.3, steps, "euler", m), x, y, 2)
              for m in ("exact", "adjoint")}
         errors.append(relative_error(g["adjoint"], g["exact"]))
     assert errors[1] < errors[0] / 4, errors
-    ode = {m: input_gradient(AttackedModel("diffpure", classifier, 3, model, 0.3, 100, "ode-rk4", m), x, y, 3)
+    ode = {m: input_gradient(attacked("diffpure", classifier, 3, model, 0.3, 100, "ode-rk4", m), x, y, 3)
            for m in ("exact", "ode")}
     assert relative_error(ode["ode"], ode["exact"]) < 1e-6
 
@@ -64,7 +71,7 @@ def test_euler_adjoint_converges_on_gmm(gmm_target):
 def test_reversible_heun_adjoint_matches_exact_on_digits(digits):
     """On the embedded default in float32: relative error < 1e-4 (measured ~1e-6)."""
     model, classifier, x, y = digits
-    g = {m: input_gradient(AttackedModel("diffpure", classifier, 10, model, 0.15, 10, "reversible_heun", m),
+    g = {m: input_gradient(attacked("diffpure", classifier, 10, model, 0.15, 10, "reversible_heun", m),
                            x[:4], y[:4], seed=0) for m in ("exact", "adjoint")}
     assert g["exact"].abs().sum() > 0
     assert relative_error(g["adjoint"], g["exact"]) < 1e-4
@@ -72,14 +79,14 @@ def test_reversible_heun_adjoint_matches_exact_on_digits(digits):
 
 def test_no_gradient_reaches_the_weights(digits):
     model, classifier, x, y = digits
-    target = AttackedModel("diffpure", classifier, 10, model, 0.15, 3, "euler", "adjoint")
+    target = attacked("diffpure", classifier, 10, model, 0.15, 3, "euler", "adjoint")
     input_gradient(target, x[:2], y[:2], seed=0)
     assert all(p.grad is None and not p.requires_grad for p in target.parameters())
 
 
 def test_bpda_gradient_is_classifier_gradient_at_purified_point(digits):
     model, classifier, x, y = digits
-    target = AttackedModel("diffpure", classifier, 10, model, 0.15, 5, "euler", "bpda")
+    target = attacked("diffpure", classifier, 10, model, 0.15, 5, "euler", "bpda")
     grad = input_gradient(target, x[:3], y[:3], seed=4)
     target.reset(4)
     with torch.no_grad():
@@ -93,7 +100,7 @@ def test_bpda_gradient_is_classifier_gradient_at_purified_point(digits):
 
 def test_densepure_attack_differentiates_mean_logits(gmm_target):
     model, classifier, x, y = gmm_target
-    target = AttackedModel("densepure", classifier, 3, model, 0.2, 5, "euler", "exact", votes=4)
+    target = attacked("densepure", classifier, 3, model, 0.2, 5, "euler", "exact", votes=4)
     target.reset(0)
     logits = target(x)
     target.reset(0)
@@ -105,7 +112,7 @@ def test_densepure_attack_differentiates_mean_logits(gmm_target):
 def test_autoattack_breaks_undefended_classifier(digits):
     """The attack works: at Linf eps 0.3 the undefended digits CNN falls to <= 10% (16 examples)."""
     _, classifier, x, y = digits
-    target = AttackedModel("none", classifier, 10)
+    target = attacked("none", classifier, 10)
     x_adv, info = attacks.autoattack(target, x[:16], y[:16], 0.3, "Linf", "standard", 0, 16, "cpu")
     assert info["accuracy_after"]["clean"] >= 0.9
     assert sum(info["robust_flags"]) / 16 <= 0.1
@@ -117,7 +124,7 @@ def test_autoattack_breaks_undefended_classifier(digits):
 @pytest.mark.parametrize("norm,eps", [("Linf", 0.2), ("L2", 1.5)])
 def test_pgd_eot_stays_in_ball_and_fools_undefended(digits, norm, eps):
     _, classifier, x, y = digits
-    target = AttackedModel("none", classifier, 10)
+    target = attacked("none", classifier, 10)
     x_adv = attacks.pgd_eot(target, x[:16], y[:16], eps, norm, steps=20, step_size=eps / 4, eot=1, seed=0)
     delta = (x_adv - x[:16]).flatten(1)
     size = delta.abs().max(1).values if norm == "Linf" else delta.norm(dim=1)
@@ -150,14 +157,6 @@ def test_score_defense_counts_majority_and_worst():
     assert score["worst"] == pytest.approx(1 / 3)
 
 
-def test_parse_eps():
-    assert attacks.parse_eps("8/255") == pytest.approx(8 / 255)
-    assert attacks.parse_eps("0.5") == 0.5
-    for bad in ("-0.1", "abc", "1/0", "nan", "8/", "inf"):
-        with pytest.raises(SdepureError):
-            attacks.parse_eps(bad)
-
-
 def test_attacked_model_bad_settings(digits):
     model, classifier, _, _ = digits
     for kwargs in ({"grad": "magic"}, {"votes": 3}, {"steps": 0}, {"t_star": 1.5}, {"solver": "rk45"},
@@ -165,6 +164,6 @@ def test_attacked_model_bad_settings(digits):
         args = {"method": "diffpure", "classifier": classifier, "num_classes": 10, "model": model,
                 "t_star": 0.1, **kwargs}
         with pytest.raises(SdepureError):
-            AttackedModel(**args)
+            attacked(**args)
     with pytest.raises(SdepureError):
-        AttackedModel("diffpure", classifier, 10, None, 0.1)
+        attacked("diffpure", classifier, 10, None, 0.1)

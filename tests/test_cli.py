@@ -20,7 +20,7 @@ def test_certify_end_to_end_and_deterministic(tiny, tmp_path, run_cli):
         assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
         assert len(lines) == 4
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["images"] == 3 and summary["method"]["votes"] == 3
+        assert summary["images"] == 3 and summary["settings"]["purifier"]["votes"] == 3
         assert (out / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
         outs.append([line.split("\t")[:5] for line in lines])
     assert outs[0] == outs[1]
@@ -31,7 +31,7 @@ def test_certify_other_methods(tiny, tmp_path, run_cli, method):
     code, stdout, err = run_cli("certify", "--config", str(tiny), "--method", method,
                                 "--out", str(tmp_path / method), "--stop", "2", "--solver", "ddpm")
     assert code == 0, err
-    assert json.loads((tmp_path / method / "summary.json").read_text())["method"]["votes"] == 1
+    assert json.loads((tmp_path / method / "summary.json").read_text())["settings"]["purifier"]["votes"] == 1
 
 
 def _write(path: Path, text: str) -> Path:
@@ -124,3 +124,12 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == ["sdepure: error: sigma must be > 0, got -1.0"]
+
+
+def test_fractional_count_in_config_refused_by_both_commands(tiny, tmp_path, cli_error):
+    """`steps = 4.5` in a config is refused by certify and attack alike, never truncated."""
+    cfg = _config_with(tiny, tmp_path, "steps = 4\n", "steps = 4.5\n")
+    cli_error("steps must be an integer", "certify", "--config", str(cfg), "--out", str(tmp_path / "c"))
+    cfg2 = _config_with(tiny, tmp_path, "steps = 2\n", "steps = 2.5\n")
+    cli_error("steps must be an integer", "attack", "--autoattack", "--config", str(cfg2), "--out", str(tmp_path / "a"))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "a").exists()

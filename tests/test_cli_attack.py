@@ -33,7 +33,7 @@ def test_attack_pgd_and_bpda(tiny, tmp_path, run_cli, kind, grad):
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["max_perturbation"]["L2"] <= 0.5 + 1e-5
-    assert summary["settings"]["grad"] == (grad or "bpda")
+    assert summary["settings"]["purifier"]["grad"] == (grad or "bpda")
 
 
 BAD = {

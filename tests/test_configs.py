@@ -94,7 +94,7 @@ num_heads = 2
                                 "--batch", "4", "--stop", "2", "--skip", "1", "--out", str(out))
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["method"]["solver"] == "ddpm" and summary["images"] == 2
+    assert summary["settings"]["purifier"]["solver"] == "ddpm" and summary["images"] == 2
     # sigma 0.5 on the cosine T=4000 table, nearest rule: index 1983 -> t = 1984 / 4000
     assert summary["t_star"] == pytest.approx(1984 / 4000)
 
@@ -122,7 +122,7 @@ def test_diffpure_cifar10_config_with_tiny_score_sde(tmp_path, run_cli):
                                 "--score-draws", "2", "--out", str(out))
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["settings"]["grad"] == "adjoint" and summary["settings"]["eps"] == pytest.approx(8 / 255)
+    assert summary["settings"]["purifier"]["grad"] == "adjoint" and summary["settings"]["eps"] == pytest.approx(8 / 255)
     assert summary["max_perturbation"]["Linf"] <= 8 / 255 + 1e-6
 
 

@@ -6,6 +6,7 @@ from sdepure import purify
 from sdepure.errors import SdepureError
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.schedules import LinearVP
+from sdepure.settings import Purifier
 
 
 class NearestMean(nn.Module):
@@ -53,11 +54,11 @@ def test_diffpure_labels_follow_posterior_and_densepure_takes_the_mode(small_gmm
     t_star = purify.t_star_for(small_gmm.schedule, sigma, "diffpure")
     a = float(small_gmm.schedule.alpha_bar(t_star))
     w, _, _ = small_gmm.posterior(a ** 0.5 * (2 * x01 - 1), t_star)
-    single = purify.build("diffpure", small_gmm, classifier, 3, sigma, steps=200, solver="euler")
+    single = purify.build(Purifier("diffpure", sigma=sigma, steps=200, solver="euler"), small_gmm, classifier, 3)
     labels = single.predict(x01.expand(2000, 2).clone(), seed=4)
     freq = torch.bincount(labels, minlength=3).double() / 2000
     assert torch.allclose(freq, w[0], atol=0.04), (freq, w)
-    dense = purify.build("densepure", small_gmm, classifier, 3, sigma, votes=41, steps=200, solver="euler")
+    dense = purify.build(Purifier("densepure", sigma=sigma, votes=41, steps=200, solver="euler"), small_gmm, classifier, 3)
     votes = dense.predict(x01.expand(50, 2).clone(), seed=5)
     mode = int(w[0].argmax())
     assert (votes == mode).double().mean() > (freq[mode] + 0.05)  # voting concentrates on the mode
@@ -65,7 +66,7 @@ def test_diffpure_labels_follow_posterior_and_densepure_takes_the_mode(small_gmm
 
 def test_none_is_identity():
     classifier = NearestMean(MEANS)
-    base = purify.build("none", None, classifier, 3, 0.5)
+    base = purify.build(Purifier("none", sigma=0.5), None, classifier, 3)
     x = torch.tensor([[0.8, 0.5], [0.2, 0.5]], dtype=torch.float64)
     assert base.predict(x, seed=0).tolist() == [0, 1]
 
@@ -73,14 +74,14 @@ def test_none_is_identity():
 def test_build_errors(small_gmm):
     classifier = NearestMean(MEANS)
     with pytest.raises(SdepureError):
-        purify.build("diffusepure", small_gmm, classifier, 3, 0.5)
+        purify.build(Purifier("diffusepure", sigma=0.5), small_gmm, classifier, 3)
     with pytest.raises(SdepureError):
-        purify.build("carlini", small_gmm, classifier, 3, 0.5, votes=5)
+        purify.build(Purifier("carlini", sigma=0.5, votes=5), small_gmm, classifier, 3)
     with pytest.raises(SdepureError):
-        purify.build("densepure", small_gmm, classifier, 3, 0.5, votes=0)
+        purify.build(Purifier("densepure", sigma=0.5, votes=0), small_gmm, classifier, 3)
     with pytest.raises(SdepureError):
-        purify.build("densepure", small_gmm, classifier, 3, 0.5, steps=0)
+        purify.build(Purifier("densepure", sigma=0.5, steps=0), small_gmm, classifier, 3)
     with pytest.raises(SdepureError):
-        purify.build("diffpure", None, classifier, 3, 0.5)
+        purify.build(Purifier("diffpure", sigma=0.5), None, classifier, 3)
     with pytest.raises(SdepureError):
-        purify.build("diffpure", small_gmm, classifier, 3, -0.5)
+        purify.build(Purifier("diffpure", sigma=-0.5), small_gmm, classifier, 3)

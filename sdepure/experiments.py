@@ -1,0 +1,200 @@
+"""Experiments as library calls: certify a dataset, attack a purified classifier.
+
+Each takes a loaded config (sdepure.config), validated settings (sdepure.settings) and a device,
+writes its files to `out` when given, and returns the dict written as summary.json, so the
+command line, benchmarks and notebooks run the same code.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import attacks, purify, report
+from .classifiers import build_classifier
+from .data import load_dataset, take
+from .errors import SdepureError
+from .models import build_score_model
+from .models.base import DiffusionModel
+from .rng import derive_seed
+from .settings import Attack, Certify, Purifier
+from .smoothing import Smooth, certify_images
+
+Echo = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class Components:
+    """What a run needs besides its settings: data, the diffusion model, the classifier."""
+    x: object  # tensor or lazily read images, indexable by image index
+    y: torch.Tensor
+    num_classes: int
+    model: DiffusionModel | None
+    classifier: nn.Module
+
+
+def load_components(cfg: dict, purifier: Purifier, device, allow_pickle: bool = False) -> Components:
+    x, y, num_classes = load_dataset(cfg["data"])
+    model = build_score_model(cfg["model"], allow_pickle).to(device) if purifier.method != "none" else None
+    classifier = build_classifier(cfg["classifier"], allow_pickle, num_classes).to(device)
+    return Components(x, y, num_classes, model, classifier)
+
+
+def selected_images(settings: Certify, total: int) -> list[int]:
+    stop = total if settings.stop is None else min(settings.stop, total)
+    indices = list(range(settings.start, stop, settings.skip))
+    if not indices:
+        raise SdepureError(f"no images selected: start={settings.start} stop={stop} skip={settings.skip} "
+                           f"of {total} images")
+    return indices
+
+
+def certify(cfg: dict, settings: Certify, device, out: Path | None = None, allow_pickle: bool = False,
+            components: Components | None = None, echo: Echo = _quiet,
+            progress: Callable[[int], None] | None = None) -> dict:
+    """Cohen's CERTIFY on each selected image. With `out` (a directory that must not exist yet),
+    rows stream to out/certify.tsv as they are known, and summary.json and
+    certified_accuracy.png follow at the end. Returns the summary with the rows under "rows"."""
+    t0 = time.time()
+    device = torch.device(device)
+    c = components or load_components(cfg, settings.purifier, device, allow_pickle)
+    indices = selected_images(settings, len(c.x))
+    base = purify.build(settings.purifier, c.model, c.classifier, c.num_classes)
+    t_star = getattr(base.purifier, "t_star", None)
+    smooth = Smooth(base.predict, c.num_classes, settings.sigma)
+    echo(f"sdepure certify: {settings.purifier.describe()} on {cfg['name']} ({len(indices)} images "
+         f"from {indices[0]} by {settings.skip} of {len(c.x)})" + (f", t*={t_star:.4f}" if t_star is not None else ""))
+    echo(f"  n0={settings.n0} n={settings.n} alpha={settings.alpha} batch={settings.batch} seed={settings.seed} "
+         f"device={device}" + (f" out={out}" if out is not None else ""))
+    args = (smooth, c.x, c.y, indices, settings.n0, settings.n, settings.alpha, settings.batch, settings.seed)
+    if out is not None:
+        out = Path(out)
+        report.make_out(out)
+        with open(out / "certify.tsv", "w") as tsv, torch.no_grad():
+            tsv.write(report.TSV_HEADER + "\n")
+            rows = certify_images(*args, tsv=tsv, progress=progress, device=device)
+    else:
+        with torch.no_grad():
+            rows = certify_images(*args, progress=progress, device=device)
+    summary = certify_summary(cfg, settings, rows, t_star, str(device))
+    summary["wall_seconds"] = time.time() - t0
+    if out is not None:
+        write_certify_files(out, summary, rows)
+    return {**summary, "rows": rows}
+
+
+def certify_summary(cfg: dict, settings: Certify, rows: list[dict], t_star: float | None, device: str) -> dict:
+    radius = np.array([r["radius"] for r in rows])
+    correct = np.array([r["correct"] for r in rows])
+    radii = report.default_radii(settings.sigma)
+    accs = report.certified_accuracy(radius, correct, radii)
+    return {"command": "certify", "config": cfg["name"], "config_source": cfg["source"],
+            "settings": settings.to_dict(), "device": device, "t_star": t_star, "images": len(rows),
+            "abstain": int(sum(r["predict"] < 0 for r in rows)),
+            "certified_accuracy": {f"{r:g}": a for r, a in zip(radii, accs)},
+            "mean_seconds_per_image": float(np.mean([r["time"] for r in rows])) if rows else None,
+            "files": {"tsv": "certify.tsv", "png": "certified_accuracy.png"}}
+
+
+def write_certify_files(out: Path, summary: dict, rows: list[dict]) -> None:
+    s = summary["settings"]
+    radius = np.array([r["radius"] for r in rows])
+    correct = np.array([r["correct"] for r in rows])
+    method = s["purifier"]["method"]
+    report.plot_curve(out / "certified_accuracy.png", {method: (radius, correct)},
+                      f"{method} on {summary['config']}, sigma={s['purifier']['sigma']}, n={s['n']}, "
+                      f"alpha={s['alpha']}")
+    report.write_json(out / "summary.json", summary)
+
+
+def certified_table(summary: dict) -> str:
+    radii = [float(r) for r in summary["certified_accuracy"]]
+    return report.format_table({summary["settings"]["purifier"]["method"]:
+                                list(summary["certified_accuracy"].values())}, radii)
+
+
+# -- attacks ------------------------------------------------------------------------------
+
+def _batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def attack(cfg: dict, settings: Attack, device, out: Path | None = None, allow_pickle: bool = False,
+           components: Components | None = None, save_adv: bool = False, echo: Echo = _quiet,
+           progress: Callable[[int], None] | None = None) -> dict:
+    """Run the attack on the selected examples and score the defense over `score_draws`
+    purifications. With `out`: summary.json, examples.tsv (and adversarial.pt with save_adv).
+    Returns the summary."""
+    t0 = time.time()
+    device = torch.device(device)
+    s, p = settings, settings.purifier
+    c = components or load_components(cfg, p, device, allow_pickle)
+    idx = list(range(s.start, min(s.start + s.n_examples, len(c.y))))
+    if not idx:
+        raise SdepureError(f"no examples selected: start={s.start} of {len(c.y)}")
+    x, y = take(c.x, idx).to(device), c.y[idx].to(device)
+    target = attacks.AttackedModel(p, c.classifier, c.num_classes, c.model, s.seed)
+    what = {"autoattack": f"AutoAttack {s.version}", "pgd": "PGD-EOT", "bpda": "BPDA+EOT"}[s.kind]
+    echo(f"sdepure attack: {what} {s.norm} eps={s.eps:.4g} on {p.method} ({cfg['name']}, {len(idx)} examples "
+         f"from {s.start}), t*={p.t_star}, {p.steps} {p.solver} steps, grad={p.grad}"
+         + (f", votes K={p.votes}" if p.votes > 1 else ""))
+    if s.kind != "autoattack":
+        echo(f"  {s.pgd_steps} steps of {s.step_size:.4g}, {s.eot} EOT samples")
+    if out is not None:
+        out = Path(out)
+        report.make_out(out)
+
+    if s.kind == "autoattack":
+        x_adv, info = attacks.autoattack(target, x, y, s.eps, s.norm, s.version, s.seed, s.batch, device)
+        clean_flags, robust_flags = info["clean_flags"], info["robust_flags"]
+        broken_by, breakdown = info["broken_by"], info["accuracy_after"]
+    else:
+        with torch.no_grad():
+            target.reset(derive_seed(s.seed, 1))
+            clean_flags = [bool(v) for v in _batched(lambda b: target(b).argmax(1), x, s.batch).eq(y).tolist()]
+        target.reset(s.seed)
+        x_adv = torch.cat([attacks.pgd_eot(target, x[i:i + s.batch], y[i:i + s.batch], s.eps, s.norm, s.pgd_steps,
+                                           s.step_size, s.eot, derive_seed(s.seed, 3, i), progress=progress)
+                           for i in range(0, len(x), s.batch)])
+        target.reset(derive_seed(s.seed, 2))
+        with torch.no_grad():
+            robust_flags = [bool(v) for v in _batched(lambda b: target(b).argmax(1), x_adv, s.batch).eq(y).tolist()]
+        broken_by = [s.kind if (cl and not r) else None for cl, r in zip(clean_flags, robust_flags)]
+        breakdown = {"clean": sum(clean_flags) / len(idx), s.kind: sum(robust_flags) / len(idx)}
+
+    target.reset(s.seed)
+    clean_score = attacks.score_defense(target, x, y, s.score_draws, derive_seed(s.seed, 4), s.batch)
+    adv_score = attacks.score_defense(target, x_adv, y, s.score_draws, derive_seed(s.seed, 5), s.batch)
+    summary = {
+        "command": "attack", "attack": s.kind, "config": cfg["name"], "settings": s.to_dict(),
+        "device": str(device), "examples": len(idx),
+        "clean_accuracy": sum(clean_flags) / len(idx), "robust_accuracy": sum(robust_flags) / len(idx),
+        "accuracy_after_each_attack": breakdown,
+        "broken_by_counts": {a: broken_by.count(a) for a in sorted({b for b in broken_by if b})},
+        "scored_over_draws": {"clean": {k: v for k, v in clean_score.items() if k != "per_example"},
+                              "adversarial": {k: v for k, v in adv_score.items() if k != "per_example"}},
+        "max_perturbation": {"Linf": float((x_adv - x).abs().flatten(1).max(1).values.max()),
+                             "L2": float((x_adv - x).flatten(1).norm(dim=1).max())},
+    }
+    if out is not None:
+        with open(out / "examples.tsv", "w") as fh:
+            fh.write("idx\tlabel\tclean_correct\trobust\tbroken_by\tadv_majority_correct\tadv_worst_correct\n")
+            for j, i in enumerate(idx):
+                fh.write(f"{i}\t{int(y[j])}\t{int(clean_flags[j])}\t{int(robust_flags[j])}\t{broken_by[j] or '-'}\t"
+                         f"{int(adv_score['per_example']['majority'][j])}\t"
+                         f"{int(adv_score['per_example']['worst'][j])}\n")
+        if save_adv:
+            torch.save({"x_adv": x_adv.cpu(), "y": y.cpu(), "idx": torch.tensor(idx)}, out / "adversarial.pt")
+    summary["wall_seconds"] = time.time() - t0
+    if out is not None:
+        report.write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,285 @@
+"""One frozen, validated description of a run, built once and passed from the command line to
+the solver.
+
+- `Purifier`: how a noisy input is purified (method, sigma or t*, votes, steps, solver, t rule)
+  and how gradients flow through it in an attack (grad, adjoint method).
+- `Certify`: a randomized-smoothing run over a dataset (a Purifier plus Cohen's n0, n, alpha,
+  the batch and the image selection).
+- `Attack`: an adaptive attack (a Purifier plus the attack and its budget).
+
+Every check on these values lives here, with one vocabulary; `from_config` reads a config's
+tables and the command line's overrides (None = not given) into them. Values are typed
+strictly: a count such as `steps = 10.5` is refused, never truncated.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SdepureError
+from .schedules import T_RULES
+from .solvers import ODE_METHODS, SDE_METHODS, SOLVERS, check_adjoint_method
+
+METHODS = ("none", "carlini", "diffpure", "densepure")
+REVERSE_METHODS = ("diffpure", "densepure")  # methods that run the reverse process
+GRAD_MODES = ("exact", "adjoint", "bpda", "ode")
+NORMS = ("Linf", "L2")
+AA_VERSIONS = ("standard", "rand")
+ATTACK_KINDS = ("autoattack", "pgd", "bpda")
+
+
+def _name(key: str) -> str:
+    return key.replace("_", "-")
+
+
+def as_int(key: str, value: Any, minimum: int | None = None) -> int:
+    """An integer (an integral float such as 10.0 from a config is accepted), >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SdepureError(f"{_name(key)} must be an integer, got {value!r}")
+    try:
+        number = float(value) if not isinstance(value, int) else value
+    except ValueError:
+        raise SdepureError(f"{_name(key)} must be an integer, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")) or number != int(number):
+        raise SdepureError(f"{_name(key)} must be an integer, got {value!r}")
+    number = int(number)
+    if minimum is not None and number < minimum:
+        raise SdepureError(f"{_name(key)} must be an integer >= {minimum}, got {number}")
+    return number
+
+
+def as_float(key: str, value: Any) -> float:
+    """A finite number; fractions such as '8/255' are accepted (attack radii)."""
+    if isinstance(value, bool):
+        raise SdepureError(f"{_name(key)} must be a number, got {value!r}")
+    try:
+        if isinstance(value, str) and "/" in value:
+            num, den = value.split("/")
+            number = float(num) / float(den)
+        else:
+            number = float(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise SdepureError(f"{_name(key)} must be a number (such as 0.03 or 8/255), got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise SdepureError(f"{_name(key)} must be a finite number, got {value!r}")
+    return number
+
+
+def _choice(key: str, value: Any, choices) -> Any:
+    if value not in choices:
+        shown = ", ".join(str(c) for c in choices)
+        raise SdepureError(f"unknown {_name(key).replace('-', ' ')} {value!r}; choose from {shown}")
+    return value
+
+
+@dataclass(frozen=True)
+class Purifier:
+    """How inputs are purified. `sigma` (smoothing noise on [0, 1] images) fixes t* through the
+    schedule (certification); `t_star` gives it directly (attacks, DiffPure's own choice)."""
+    method: str = "densepure"
+    sigma: float | None = None
+    t_star: float | None = None
+    votes: int = 1
+    steps: int = 10
+    solver: str = "euler"
+    t_rule: str | None = None
+    grad: str = "exact"
+    adjoint_method: str | None = None
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise once)
+        _choice("method", self.method, METHODS)
+        set_("votes", as_int("votes", self.votes, 1))
+        set_("steps", as_int("steps", self.steps, 1))
+        _choice("solver", self.solver, SOLVERS)
+        _choice("gradient mode", self.grad, GRAD_MODES)
+        if self.t_rule is not None:
+            _choice("t rule", self.t_rule, T_RULES)
+        if self.method != "densepure" and self.votes != 1:
+            raise SdepureError(f"votes apply to densepure only (got votes={self.votes} with {self.method})")
+        if self.sigma is not None:
+            set_("sigma", as_float("sigma", self.sigma))
+            if not self.sigma > 0:
+                raise SdepureError(f"sigma must be > 0, got {self.sigma}")
+        if self.t_star is not None:
+            set_("t_star", as_float("t_star", self.t_star))
+            if not 0 < self.t_star <= 1:
+                raise SdepureError(f"t* must be in (0, 1], got {self.t_star}")
+        if self.method != "none" and self.sigma is None and self.t_star is None:
+            raise SdepureError(f"method {self.method} needs sigma or t*")
+        if self.grad == "ode" and self.solver not in ODE_METHODS:
+            set_("solver", "ode-euler")  # --grad ode purifies with the probability-flow ODE
+        if self.grad == "adjoint" and self.method in REVERSE_METHODS and self.solver == "ddpm":
+            raise SdepureError("the ddpm sampler has no adjoint; use --grad exact or an SDE/ODE solver")
+        if self.adjoint_method is not None:
+            if self.grad != "adjoint":
+                raise SdepureError("--adjoint-method applies to --grad adjoint only")
+            if self.solver not in SDE_METHODS:
+                raise SdepureError(f"--adjoint-method applies to torchsde solvers, not {self.solver!r}")
+            check_adjoint_method(self.solver, self.adjoint_method)
+
+    @property
+    def solver_grad(self) -> str | None:
+        """The solver's gradient mode for this attack gradient mode (bpda: none, it is detached)."""
+        return {"exact": "exact", "adjoint": "adjoint", "ode": "adjoint", "bpda": None}[self.grad]
+
+    def describe(self) -> str:
+        parts = [self.method]
+        if self.sigma is not None:
+            parts.append(f"sigma={self.sigma}")
+        if self.method == "densepure":
+            parts.append(f"votes K={self.votes}")
+        if self.method in REVERSE_METHODS:
+            parts.append(f"{self.steps} {self.solver} steps")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Certify:
+    """Cohen et al.'s CERTIFY over the test images range(start, stop, skip)."""
+    purifier: Purifier
+    n0: int = 100
+    n: int = 1000
+    alpha: float = 0.001
+    batch: int = 100
+    start: int = 0
+    stop: int | None = None
+    skip: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        if self.purifier.sigma is None:
+            raise SdepureError("certification needs the smoothing noise sigma")
+        for key, minimum in (("n0", 1), ("n", 1), ("batch", 1), ("start", 0), ("skip", 1), ("seed", 0)):
+            set_(key, as_int(key, getattr(self, key), minimum))
+        if self.stop is not None:
+            set_("stop", as_int("stop", self.stop, 0))
+        set_("alpha", as_float("alpha", self.alpha))
+        if not 0 < self.alpha < 1:
+            raise SdepureError(f"alpha must be in (0, 1), got {self.alpha}")
+
+    @property
+    def sigma(self) -> float:
+        return self.purifier.sigma
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PGD_BUDGET = {"pgd": {"pgd_steps": 200, "eot": 20, "step_size": 0.007},
+              "bpda": {"pgd_steps": 50, "eot": 15, "step_size": 2 / 255}}
+
+
+@dataclass(frozen=True)
+class Attack:
+    """An adaptive attack on the purified classifier and how its result is scored."""
+    purifier: Purifier
+    kind: str = "autoattack"
+    norm: str = "Linf"
+    eps: float = 8 / 255
+    version: str = "rand"
+    n_examples: int = 64
+    start: int = 0
+    batch: int = 32
+    score_draws: int = 20
+    pgd_steps: int | None = None
+    eot: int | None = None
+    step_size: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        _choice("attack", self.kind, ATTACK_KINDS)
+        _choice("norm", self.norm, NORMS)
+        _choice("AutoAttack version", self.version, AA_VERSIONS)
+        set_("eps", as_float("eps", self.eps))
+        if not self.eps >= 0:
+            raise SdepureError(f"eps must be >= 0, got {self.eps}")
+        for key, minimum in (("n_examples", 1), ("start", 0), ("batch", 1), ("score_draws", 1), ("seed", 0)):
+            set_(key, as_int(key, getattr(self, key), minimum))
+        if self.kind == "autoattack":
+            if any(getattr(self, k) is not None for k in ("pgd_steps", "eot", "step_size")):
+                raise SdepureError("--pgd-steps, --eot and --step-size apply to --pgd and --bpda")
+        else:
+            for key, default in PGD_BUDGET[self.kind].items():
+                if getattr(self, key) is None:
+                    set_(key, default)
+            set_("pgd_steps", as_int("pgd_steps", self.pgd_steps, 1))
+            set_("eot", as_int("eot", self.eot, 1))
+            set_("step_size", as_float("step_size", self.step_size))
+            if not self.step_size > 0:
+                raise SdepureError(f"step size must be > 0, got {self.step_size}")
+        if self.kind == "bpda" and self.purifier.grad != "bpda":
+            raise SdepureError("--bpda attacks with BPDA gradients; drop --grad or use --pgd")
+        if self.purifier.t_star is None and self.purifier.method != "none":
+            raise SdepureError("an attack purifies from an explicit t* (--t-star)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- from a config's tables and the command line -------------------------------------------
+
+CERTIFY_DEFAULTS = {"method": {"name": "densepure", "sigma": 0.5, "votes": 10, "steps": 10, "solver": "euler"},
+                    "certify": {"n0": 100, "n": 1000, "alpha": 0.001, "batch": 100, "start": 0, "stop": None,
+                                "skip": 1}}
+ATTACK_DEFAULTS = {"method": "diffpure", "t_star": 0.1, "steps": 10, "solver": "euler", "grad": "exact",
+                   "norm": "Linf", "eps": "8/255", "version": "rand", "n_examples": 64, "batch": 32,
+                   "score_draws": 20, "votes": 1, "adjoint_method": None, "start": 0}
+
+
+def _table(cfg: dict, name: str, known) -> dict:
+    table = dict(cfg.get(name, {}))
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise SdepureError(f"config {cfg.get('source', '')}: unknown key {unknown[0]!r} in [{name}]; "
+                           f"known keys: {', '.join(sorted(known))}")
+    return table
+
+
+def _given(overrides: dict) -> dict:
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def certify_from_config(cfg: dict, overrides: dict) -> Certify:
+    """Certify settings from defaults < the config's [method] and [certify] < overrides (flat
+    names: name, sigma, votes, steps, solver, t_rule, n0, n, alpha, batch, start, stop, skip, seed)."""
+    cert_keys = set(CERTIFY_DEFAULTS["certify"])
+    method_keys = {"name", "sigma", "votes", "steps", "solver", "t_rule"}
+    over = _given(overrides)
+    m = {**CERTIFY_DEFAULTS["method"], **_table(cfg, "method", method_keys),
+         **{k: v for k, v in over.items() if k in method_keys}}
+    c = {**CERTIFY_DEFAULTS["certify"], **_table(cfg, "certify", cert_keys),
+         **{k: v for k, v in over.items() if k in cert_keys}}
+    if m["name"] != "densepure":
+        if over.get("votes") not in (None, 1):
+            _choice("method", m["name"], METHODS)
+            raise SdepureError(f"--votes applies to densepure only (method is {m['name']})")
+        m["votes"] = 1
+    purifier = Purifier(method=m["name"], sigma=m["sigma"], votes=m["votes"], steps=m["steps"],
+                        solver=m["solver"], t_rule=m.get("t_rule"))
+    return Certify(purifier=purifier, seed=over.get("seed", 0), **c)
+
+
+def attack_from_config(cfg: dict, kind: str | None, overrides: dict) -> Attack:
+    """Attack settings from defaults < the config's [attack] < overrides (flat names as the
+    command line's options)."""
+    if kind is None:
+        raise SdepureError("choose an attack: --autoattack, --pgd or --bpda")
+    purifier_keys = {"method", "t_star", "votes", "steps", "solver", "t_rule", "grad", "adjoint_method"}
+    attack_keys = {f.name for f in dataclasses.fields(Attack)} - {"purifier", "kind", "seed"}
+    over = _given(overrides)
+    table = _table(cfg, "attack", purifier_keys | attack_keys)
+    if kind == "autoattack":  # a config's PGD budget applies to --pgd/--bpda only
+        for key in ("pgd_steps", "eot", "step_size"):
+            table.pop(key, None)
+    s = {**ATTACK_DEFAULTS, **table, **over}
+    if kind == "bpda":
+        if over.get("grad") not in (None, "bpda"):
+            raise SdepureError("--bpda attacks with BPDA gradients; drop --grad or use --pgd")
+        s["grad"] = "bpda"
+    purifier = Purifier(**{k: s[k] for k in purifier_keys if k in s})
+    rest = {k: s[k] for k in attack_keys if k in s}
+    return Attack(purifier=purifier, kind=kind, seed=over.get("seed", 0), **rest)
