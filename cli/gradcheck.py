@@ -16,7 +16,7 @@ from sdepure.data import load_dataset, take
 from sdepure.errors import SdepureError
 from sdepure.models import build_score_model
 from sdepure.settings import Purifier, as_int
-from sdepure.solvers import SDE_METHODS
+from sdepure.solvers import NO_ADJOINT, SDE_METHODS
 
 from .common import apply_paths, check_out, common_options, default_out, make_out, resolve_device
 
@@ -92,8 +92,8 @@ def gradcheck(config_name, method, steps_list, solver, adjoint_method, t_star, n
     as_int("--n-examples", n_examples, 1)
     t_star = t_star if t_star is not None else merged(cfg, "attack", {}).get("t_star", 0.1)
     adjoint_mode = "adjoint" if solver in SDE_METHODS else "ode"
-    if solver == "ddpm":
-        raise SdepureError("the ddpm sampler has no adjoint; choose an SDE or ODE solver")
+    if solver in NO_ADJOINT:
+        raise SdepureError(f"the {solver} sampler has no adjoint; choose an SDE or ODE solver")
     for mode in ("exact", adjoint_mode):  # validate both settings before any work
         t_star = Purifier(method, t_star=t_star, steps=steps[0], solver=solver, grad=mode,
                           adjoint_method=adjoint_method if mode == "adjoint" else None).t_star

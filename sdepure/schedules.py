@@ -107,6 +107,16 @@ class DiscreteVP(VPSchedule):
         self._knots_t = torch.arange(self.T + 1, dtype=torch.float64) / self.T
         self._knots_log = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(self.alpha_bars)])
         self._slopes = -torch.diff(self._knots_log) * self.T  # beta on each segment
+        self._on_device = {}  # device -> tables: copied once, not at every network call (a host sync on CUDA)
+
+    def _tables(self, device):
+        """(knots_t, knots_log, slopes) on `device`."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self._knots_t, self._knots_log, self._slopes
+        if device not in self._on_device:
+            self._on_device[device] = tuple(a.to(device) for a in (self._knots_t, self._knots_log, self._slopes))
+        return self._on_device[device]
 
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "DiscreteVP":
@@ -141,22 +151,21 @@ class DiscreteVP(VPSchedule):
 
     def log_alpha_bar(self, t):
         t, k = self._segment(t)
-        knots_log = self._knots_log.to(t.device)
-        knots_t = self._knots_t.to(t.device)
-        slopes = self._slopes.to(t.device)
+        knots_t, knots_log, slopes = self._tables(t.device)
         out = knots_log[k] - slopes[k] * (t.to(torch.float64) - knots_t[k])
         return out.to(t.dtype) if t.is_floating_point() else out
 
     def beta(self, t):
         t, k = self._segment(t)
-        out = self._slopes.to(t.device)[k]
+        out = self._tables(t.device)[2][k]
         return out.to(t.dtype) if t.is_floating_point() else out
 
     def t_of_alpha_bar(self, alpha_bar):
         target = -torch.log(_as_tensor(alpha_bar).to(torch.float64))
-        neg_log = -self._knots_log.to(target.device)
+        knots_t, knots_log, slopes = self._tables(target.device)
+        neg_log = -knots_log
         k = torch.clamp(torch.searchsorted(neg_log, target) - 1, 0, self.T - 1)
-        return self._knots_t.to(target.device)[k] + (target - neg_log[k]) / self._slopes.to(target.device)[k]
+        return knots_t[k] + (target - neg_log[k]) / slopes[k]
 
     def t_index_star(self, sigma: float, rule: str = "nearest") -> int:
         """Table index for sigma: 'first' index with sqrt((1-ab)/ab) >= 2 sigma (Carlini et al.),

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import SdepureError
 from .schedules import T_RULES
-from .solvers import ODE_METHODS, SDE_METHODS, SOLVERS, check_adjoint_method
+from .solvers import NO_ADJOINT, ODE_METHODS, SDE_METHODS, SOLVERS, check_adjoint_method
 
 METHODS = ("none", "carlini", "diffpure", "densepure")
 REVERSE_METHODS = ("diffpure", "densepure")  # methods that run the reverse process
@@ -110,8 +110,8 @@ class Purifier:
             raise SdepureError(f"method {self.method} needs sigma or t*")
         if self.grad == "ode" and self.solver not in ODE_METHODS:
             set_("solver", "ode-euler")  # --grad ode purifies with the probability-flow ODE
-        if self.grad == "adjoint" and self.method in REVERSE_METHODS and self.solver == "ddpm":
-            raise SdepureError("the ddpm sampler has no adjoint; use --grad exact or an SDE/ODE solver")
+        if self.grad == "adjoint" and self.method in REVERSE_METHODS and self.solver in NO_ADJOINT:
+            raise SdepureError(f"the {self.solver} sampler has no adjoint; use --grad exact or an SDE/ODE solver")
         if self.adjoint_method is not None:
             if self.grad != "adjoint":
                 raise SdepureError("--adjoint-method applies to --grad adjoint only")

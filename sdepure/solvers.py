@@ -2,30 +2,46 @@
 
 - torchsde methods on the reverse VP-SDE (`euler`, `milstein`, `heun`, `midpoint`,
   `euler_heun`, `reversible_heun`), driven by a GridBrownian addressed by `seed`;
-- torchdiffeq methods on the probability-flow ODE (`ode-euler`, `ode-midpoint`, `ode-rk4`,
-  `ode-dopri5`), deterministic;
-- `ddpm`: DDPM ancestral sampling on a time subsequence, as DensePure's authors ran it.
+- probability-flow ODE methods (`ode-euler`, `ode-midpoint`, `ode-rk4`, `ode-dopri5`),
+  deterministic: the fixed-step ones run here with torchdiffeq's formulas (its loop compares
+  device tensors every step), dopri5 and the adjoint run in torchdiffeq;
+- samplers on the time subsequence of `ddpm_times` (DensePure's rule; the model's own timesteps on
+  a table): `ddpm`, DDPM ancestral sampling as DensePure's authors ran it; `ddim`, DDIM
+  (Song et al. 2021), deterministic at eta = 0; `dpm-solver-2m`, DPM-Solver++(2M) (Lu et al. 2022),
+  a second-order multistep solver of the probability-flow ODE in data prediction.
 All take and return [-1, 1] images of any shape (batch first).
+
+Hot paths queue device work only: step times and coefficients are Python floats computed before
+the loop, times handed to torchsde live on the CPU, and the Gaussian draws can be made on the
+device (rng="device").
+
+Exact gradients (grad="exact") are input-only at every step count and for every method: each
+network call is recomputed in backward by sde.recomputed, and one-state methods from SEGMENT_FROM
+steps on also run in recomputed segments of ceil(sqrt(steps)) steps. The network's weights get no
+gradient, as with the adjoint.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.utils.checkpoint
 import torchdiffeq
 import torchsde
 
-from .brownian import GridBrownian
+from . import precision as _precision
+from .brownian import GridBrownian, Streams
 from .errors import SdepureError
 from .models.base import DiffusionModel
+from .rng import check_rng
 from .schedules import DiscreteVP
-from .sde import ProbabilityFlowODE, ReverseVPSDE, time_grid
+from .sde import ProbabilityFlowODE, ReverseVPSDE, network_call, recomputed, time_grid
 
 SDE_METHODS = {"euler": "ito", "milstein": "ito", "heun": "stratonovich", "midpoint": "stratonovich",
                "euler_heun": "stratonovich", "reversible_heun": "stratonovich"}
 ODE_METHODS = {"ode-euler": "euler", "ode-midpoint": "midpoint", "ode-rk4": "rk4", "ode-dopri5": "dopri5"}
-SOLVERS = (*SDE_METHODS, *ODE_METHODS, "ddpm")
+SUBSEQUENCE_METHODS = ("ddpm", "ddim", "dpm-solver-2m")
+SOLVERS = (*SDE_METHODS, *ODE_METHODS, *SUBSEQUENCE_METHODS)
+NO_ADJOINT = SUBSEQUENCE_METHODS  # written here step by step: exact gradients only
 
 
 def check_solver(method: str) -> None:
@@ -51,30 +67,43 @@ def check_adjoint_method(method: str, adjoint_method: str | None) -> None:
                            f"choose from {', '.join(allowed) or 'none (not an SDE solver)'}")
 
 
+def check_eta(eta: float) -> None:
+    if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+        raise SdepureError(f"ddim eta must be in [0, 1], got {eta!r}")
+
+
+def _step_times(steps: int, dtype) -> torch.Tensor:
+    # on the CPU whatever the state's device: torchsde hands these times to f, g and the Brownian
+    # motion, and reading a CPU scalar is no device synchronisation
+    return torch.tensor([0.0, float(steps)], dtype=dtype)
+
+
 def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
                 method: str = "euler", t_end: float = 0.0, grad: str | None = None,
-                adjoint_method: str | None = None) -> torch.Tensor:
+                adjoint_method: str | None = None, *, rng: str = "cpu", streams: Streams | None = None,
+                precision: str = "fp32") -> torch.Tensor:
     """One reverse VP-SDE solve per row from t_start to t_end with torchsde.
 
     grad=None: torchsde.sdeint. grad="exact": the same solve, differentiated by autograd with
-    two levels of recomputation: each network call is checkpointed, and from SEGMENT_FROM steps
-    on (one-step methods) the solve runs in segments of ceil(sqrt(steps)) steps, each recomputed
-    as a whole in backward. Memory then grows with sqrt(steps) states and never holds more than
-    one network's activations, at the price of one more forward pass per step; the segments pass
-    gradients to the input only.
+    two levels of recomputation: each network call is recomputed in backward, and from
+    SEGMENT_FROM steps on (one-step methods) the solve runs in segments of ceil(sqrt(steps))
+    steps, each recomputed as a whole in backward. Memory then grows with sqrt(steps) states and
+    never holds more than one network's activations, at the price of one more forward pass per
+    step; gradients go to the input only.
     grad="adjoint": torchsde.sdeint_adjoint on the same grid and Brownian path, no gradient
     into the network's weights; adjoint_method defaults to the forward method's own scheme
-    (adjoint_reversible_heun for reversible_heun: exact up to floating point)."""
+    (adjoint_reversible_heun for reversible_heun: exact up to floating point).
+    rng, streams: how the Brownian increments are drawn and addressed (brownian.GridBrownian)."""
     check_adjoint_method(method, adjoint_method)
     grid = time_grid(t_start, t_end, steps)
-    sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method], checkpoint=grad == "exact")
+    sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method], checkpoint=grad == "exact",
+                       precision=precision)
     y0 = x.reshape(x.shape[0], -1)
-    bm = GridBrownian(seed, y0.shape, dtype=y0.dtype, device=y0.device)
+    bm = GridBrownian(seed, y0.shape, dtype=y0.dtype, device=y0.device, rng=rng, streams=streams)
     if grad == "adjoint":
         # integrating over [0, steps] with dt = 1 keeps only the endpoints in memory
-        ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
-        y = torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method=method, dt=1.0, adjoint_params=(),
-                                    adjoint_method=adjoint_method or ADJOINT_METHODS[method])[-1]
+        y = torchsde.sdeint_adjoint(sde, y0, _step_times(steps, y0.dtype), bm=bm, method=method, dt=1.0,
+                                    adjoint_params=(), adjoint_method=adjoint_method or ADJOINT_METHODS[method])[-1]
     elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM and method != "reversible_heun":
         y = _in_recomputed_segments(y0, steps, lambda y, k0, k1: _sde_segment(sde, y, bm, method, k0, k1))
     else:
@@ -83,69 +112,68 @@ def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: i
 
 
 SEGMENT_FROM = 16  # below this, per-step states weigh nothing next to one network's activations
-# reversible_heun carries a second state from step to step, so a restart per segment would change
-# the solution; it is checkpointed per network call only.
-
-
-class _Recomputed(torch.autograd.Function):
-    """y -> run(y) without an autograd graph (torch.utils.checkpoint keeps one node per operation,
-    tens of kB per solver step); backward runs it again with autograd and returns the gradient
-    with respect to y only: the network's weights get none, as with the adjoint."""
-
-    @staticmethod
-    def forward(ctx, y, run):
-        ctx.run = run
-        ctx.save_for_backward(y)
-        return run(y)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (y,) = ctx.saved_tensors
-        with torch.enable_grad():
-            y = y.detach().requires_grad_(True)
-            (grad_y,) = torch.autograd.grad(ctx.run(y), y, grad_out)
-        return grad_y, None
+# reversible_heun and dpm-solver-2m carry a second state from step to step, so a restart per
+# segment would change the solution; they recompute each network call only.
 
 
 def _in_recomputed_segments(y: torch.Tensor, steps: int, solve_segment) -> torch.Tensor:
     """solve_segment(y, k0, k1) over consecutive segments of ceil(sqrt(steps)) steps, each
-    recomputed in backward (_Recomputed)."""
+    recomputed in backward (sde.recomputed)."""
     length = math.isqrt(steps - 1) + 1
     for k0 in range(0, steps, length):
         k1 = min(k0 + length, steps)
-        y = _Recomputed.apply(y, lambda y, k0=k0, k1=k1: solve_segment(y, k0, k1))
+        y = recomputed(lambda y, k0=k0, k1=k1: solve_segment(y, k0, k1), y)
     return y
 
 
 def _sde_segment(sde: ReverseVPSDE, y: torch.Tensor, bm: GridBrownian, method: str, k0: int, k1: int):
     """Solve from step k0 to k1 on the shared grid and Brownian path (both addressed by k)."""
-    ts = torch.tensor([float(k0), float(k1)], dtype=y.dtype, device=y.device)
+    ts = torch.tensor([float(k0), float(k1)], dtype=y.dtype)  # CPU, see _step_times
     return torchsde.sdeint(sde, y, ts, bm=bm, method=method, dt=1.0)[-1]
+
+
+_ONE_THIRD, _TWO_THIRDS = 1 / 3, 2 / 3
+
+
+def _ode_steps(func: ProbabilityFlowODE, y: torch.Tensor, inner: str, k0: int, k1: int) -> torch.Tensor:
+    """Fixed steps k0 -> k1 (dk = 1) with torchdiffeq's formulas (rk4 is its 3/8-rule variant)."""
+    for k in range(k0, k1):
+        f0 = func(k, y)
+        if inner == "euler":
+            y = y + f0
+        elif inner == "midpoint":
+            y = y + func(k + 0.5, y + 0.5 * f0)
+        else:
+            f1 = func(k + _ONE_THIRD, y + f0 * _ONE_THIRD)
+            f2 = func(k + _TWO_THIRDS, y + (f1 - f0 * _ONE_THIRD))
+            f3 = func(k + 1, y + (f0 - f1 + f2))
+            y = y + (f0 + 3 * (f1 + f2) + f3) * 0.125
+    return y
 
 
 def reverse_ode(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int,
                 method: str = "ode-euler", t_end: float = 0.0, rtol: float = 1e-5,
-                atol: float = 1e-5, grad: str | None = None) -> torch.Tensor:
-    """Probability-flow ODE from t_start to t_end with torchdiffeq.odeint, or with
-    torchdiffeq.odeint_adjoint (no gradient into the network's weights) when grad="adjoint";
-    grad="exact" recomputes as reverse_sde does (fixed-step methods in segments)."""
+                atol: float = 1e-5, grad: str | None = None, *, precision: str = "fp32") -> torch.Tensor:
+    """Probability-flow ODE from t_start to t_end: fixed-step methods step by step here,
+    ode-dopri5 with torchdiffeq.odeint; grad="adjoint": torchdiffeq.odeint_adjoint (no gradient
+    into the network's weights); grad="exact" recomputes as reverse_sde does (fixed-step methods
+    in segments)."""
     grid = time_grid(t_start, t_end, steps)
-    func = ProbabilityFlowODE(model, grid, x.shape, checkpoint=grad == "exact")
+    func = ProbabilityFlowODE(model, grid, x.shape, checkpoint=grad == "exact", precision=precision)
     y0 = x.reshape(x.shape[0], -1)
-    ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
     inner = ODE_METHODS[method]
     options = {} if inner == "dopri5" else {"step_size": 1.0}
     if grad == "adjoint":
+        ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
         y = torchdiffeq.odeint_adjoint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options,
                                        adjoint_params=(), adjoint_options=dict(options))[-1]
-    elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM and inner != "dopri5":
-        # fixed-step methods restart exactly at a segment boundary (dopri5 would re-adapt)
-        def ode_segment(y, k0, k1):
-            seg = torch.tensor([float(k0), float(k1)], dtype=y.dtype, device=y.device)
-            return torchdiffeq.odeint(func, y, seg, method=inner, options=options)[-1]
-        y = _in_recomputed_segments(y0, steps, ode_segment)
-    else:
+    elif inner == "dopri5":
+        ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
         y = torchdiffeq.odeint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options)[-1]
+    elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM:
+        y = _in_recomputed_segments(y0, steps, lambda y, k0, k1: _ode_steps(func, y, inner, k0, k1))
+    else:
+        y = _ode_steps(func, y0, inner, 0, steps)
     return y.reshape(x.shape)
 
 
@@ -162,31 +190,120 @@ def ddpm_times(schedule, t_start: float, steps: int) -> torch.Tensor:
     return torch.tensor(times + [0.0], dtype=torch.float64)
 
 
+def _subsequence(model: DiffusionModel, t_start: float, steps: int, times=None):
+    """(times, alpha_bars) as Python floats; alpha_bar = 1 at t = 0 (where the table has none)."""
+    times = ddpm_times(model.schedule, t_start, steps) if times is None else torch.as_tensor(times, dtype=torch.float64)
+    ab = model.schedule.alpha_bar(times).tolist()
+    times = times.tolist()
+    if times[-1] == 0.0:
+        ab[-1] = 1.0
+    return times, ab
+
+
+def _x0(model, x, t, a, clip_x0, exact, precision):
+    """The model's x0 prediction at t (alpha_bar a), optionally clipped to the image range."""
+    eps = network_call(model.eps, x, t, exact, precision)
+    x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+    return x0.clamp(-1.0, 1.0) if clip_x0 else x0
+
+
+def _in_steps(x, n: int, exact: bool, step):
+    """Apply step(x, k) for k < n, in recomputed segments for exact gradients from SEGMENT_FROM on."""
+    def run(x, k0, k1):
+        for k in range(k0, k1):
+            x = step(x, k)
+        return x
+    if exact and torch.is_grad_enabled() and n >= SEGMENT_FROM:
+        return _in_recomputed_segments(x, n, run)
+    return run(x, 0, n)
+
+
 def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
-                   clip_x0: bool = True, grad: str | None = None) -> torch.Tensor:
+                   clip_x0: bool = True, grad: str | None = None, *, rng: str = "cpu",
+                   streams: Streams | None = None, precision: str = "fp32") -> torch.Tensor:
     """DDPM ancestral steps on a subsequence, betas re-derived from alpha_bar; no noise at the last step.
-    grad="exact" recomputes each network call in backward (checkpointing)."""
-    times = ddpm_times(model.schedule, t_start, steps)
-    ab = model.schedule.alpha_bar(times)
-    ab[-1] = 1.0
-    bm = GridBrownian(seed, x.shape, dtype=x.dtype, device=x.device)
-    for k in range(len(times) - 1):
-        a, a_next = float(ab[k]), float(ab[k + 1])
-        t_vec = torch.full((x.shape[0],), float(times[k]), dtype=x.dtype, device=x.device)
-        if grad == "exact" and torch.is_grad_enabled():
-            eps = torch.utils.checkpoint.checkpoint(model.eps, x, t_vec, use_reentrant=False)
-        else:
-            eps = model.eps(x, t_vec)
-        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
+    Step k adds increment k of the GridBrownian addressed by seed (and streams)."""
+    times, ab = _subsequence(model, t_start, steps)
+    bm = GridBrownian(seed, x.shape, dtype=x.dtype, device=x.device, rng=rng, streams=streams)
+    n, exact = len(times) - 1, grad == "exact"
+
+    def step(x, k):
+        a, a_next = ab[k], ab[k + 1]
+        x0 = _x0(model, x, times[k], a, clip_x0, exact, precision)
         alpha = a / a_next
         mean = (a_next ** 0.5 * (1 - alpha) / (1 - a)) * x0 + (alpha ** 0.5 * (1 - a_next) / (1 - a)) * x
-        if k < len(times) - 2:
-            var = (1 - alpha) * (1 - a_next) / (1 - a)
-            x = mean + var ** 0.5 * bm.increment(k)
+        if k < n - 1:
+            return mean + ((1 - alpha) * (1 - a_next) / (1 - a)) ** 0.5 * bm.increment(k)
+        return mean
+    return _in_steps(x, n, exact, step)
+
+
+def ddim(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int = 0, eta: float = 0.0,
+         clip_x0: bool = True, grad: str | None = None, *, times=None, rng: str = "cpu",
+         streams: Streams | None = None, precision: str = "fp32") -> torch.Tensor:
+    """DDIM (Song, Meng & Ermon 2021, eq. 12) on the subsequence of ddpm_times (or `times`, decreasing):
+        x0_k   = (x_k - sqrt(1 - a_k) eps(x_k, t_k)) / sqrt(a_k)     (clipped if clip_x0)
+        s_k    = eta sqrt((1 - a_{k+1}) / (1 - a_k)) sqrt(1 - a_k / a_{k+1})
+        x_{k+1} = sqrt(a_{k+1}) x0_k + sqrt(1 - a_{k+1} - s_k^2) eps_k + s_k z_k
+    with eps_k re-derived from the clipped x0_k. eta = 0: the deterministic, first-order
+    probability-flow sampler; eta = 1: the same chain as ddpm step for step (z_k is increment k of
+    the same GridBrownian)."""
+    check_eta(eta)
+    times, ab = _subsequence(model, t_start, steps, times)
+    bm = GridBrownian(seed, x.shape, dtype=x.dtype, device=x.device, rng=rng, streams=streams) if eta > 0 else None
+    n, exact = len(times) - 1, grad == "exact"
+    coefs = []
+    for k in range(n):
+        a, a_next = ab[k], ab[k + 1]
+        s = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
+        coefs.append((a, a_next, s, math.sqrt(max(1 - a_next - s * s, 0.0))))
+
+    def step(x, k):
+        a, a_next, s, c = coefs[k]
+        x0 = _x0(model, x, times[k], a, clip_x0, exact, precision)
+        x_next = a_next ** 0.5 * x0
+        if c > 0:
+            x_next = x_next + (c / (1 - a) ** 0.5) * (x - a ** 0.5 * x0)
+        if s > 0:
+            x_next = x_next + s * bm.increment(k)
+        return x_next
+    return _in_steps(x, n, exact, step)
+
+
+def dpm_solver_2m(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, clip_x0: bool = True,
+                  grad: str | None = None, *, times=None, precision: str = "fp32") -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) on the subsequence of ddpm_times (or `times`).
+    With alpha_k = sqrt(a_k), sigma_k = sqrt(1 - a_k), lambda_k = log(alpha_k / sigma_k),
+    h_k = lambda_{k+1} - lambda_k and D_k the data prediction x0(x_k, t_k):
+        x_{k+1} = (sigma_{k+1} / sigma_k) x_k - alpha_{k+1} (exp(-h_k) - 1) Dhat_k
+        Dhat_0 = D_0;  Dhat_k = (1 + 1 / (2 r_k)) D_k - 1 / (2 r_k) D_{k-1},  r_k = h_{k-1} / h_k.
+    A step that ends at t = 0 (sigma = 0, lambda = infinity) is the first-order limit x = D_k.
+    One network call per step; the multistep history makes it second order in the step size."""
+    times, ab = _subsequence(model, t_start, steps, times)
+    n, exact = len(times) - 1, grad == "exact"
+    plan = []  # per step: (ratio sigma_{k+1}/sigma_k, alpha_{k+1}(exp(-h) - 1), 1/(2 r) or None)
+    h_prev = None
+    for k in range(n):
+        a, a_next = ab[k], ab[k + 1]
+        if a_next >= 1.0:
+            plan.append(None)
+            continue
+        lam = 0.5 * math.log(a / (1 - a))
+        lam_next = 0.5 * math.log(a_next / (1 - a_next))
+        h = lam_next - lam
+        w = None if h_prev is None else h / (2 * h_prev)  # 1 / (2 r_k)
+        plan.append((math.sqrt((1 - a_next) / (1 - a)), math.sqrt(a_next) * math.expm1(-h), w))
+        h_prev = h
+    d_prev = None
+    for k in range(n):
+        d = _x0(model, x, times[k], ab[k], clip_x0, exact, precision)
+        if plan[k] is None:
+            x = d
         else:
-            x = mean
+            ratio, phi, w = plan[k]
+            d_hat = d if w is None else (1 + w) * d - w * d_prev
+            x = ratio * x - phi * d_hat
+        d_prev = d
     return x
 
 
@@ -195,17 +312,32 @@ GRADS = (None, "exact", "adjoint")
 
 def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
           method: str = "euler", clip_x0: bool = True, grad: str | None = None,
-          adjoint_method: str | None = None) -> torch.Tensor:
+          adjoint_method: str | None = None, *, eta: float = 0.0, rng: str = "cpu",
+          streams: Streams | None = None, precision: str = "fp32") -> torch.Tensor:
     """Dispatch on `method` (see SOLVERS); returns the reverse-process output at t = 0.
-    `clip_x0` clips ddpm's x0 predictions to [-1, 1] (images); the other solvers ignore it.
-    `grad`: None (plain autograd), "exact" (checkpointed autograd) or "adjoint"."""
+    `clip_x0` clips the x0 predictions of ddpm, ddim and dpm-solver-2m to [-1, 1] (images); the
+    other solvers ignore it. `grad`: None (plain autograd), "exact" (recomputed autograd, input
+    gradient only) or "adjoint". `eta`: ddim's noise level. `rng` ("cpu" or "device") and
+    `streams` (brownian.Streams) say how the Gaussian draws are made and addressed. `precision`:
+    autocast of the network ("fp32", "bf16", "fp16"; see precision.py)."""
     check_solver(method)
+    check_rng(rng)
+    _precision.check_precision(precision)
     if grad not in GRADS:
         raise SdepureError(f"unknown gradient mode {grad!r} for the solver")
+    if method != "ddim" and eta != 0.0:
+        raise SdepureError(f"eta applies to the ddim solver only (solver is {method})")
     if method in SDE_METHODS:
-        return reverse_sde(model, x, t_start, steps, seed, method, grad=grad, adjoint_method=adjoint_method)
+        return reverse_sde(model, x, t_start, steps, seed, method, grad=grad, adjoint_method=adjoint_method,
+                           rng=rng, streams=streams, precision=precision)
     if method in ODE_METHODS:
-        return reverse_ode(model, x, t_start, steps, method, grad=grad)
+        return reverse_ode(model, x, t_start, steps, method, grad=grad, precision=precision)
     if grad == "adjoint":
-        raise SdepureError("the ddpm sampler has no adjoint; use grad exact, or an SDE/ODE solver")
-    return ddpm_ancestral(model, x, t_start, steps, seed, clip_x0, grad=grad)
+        raise SdepureError(f"the {method} sampler has no adjoint; use grad exact, or an SDE/ODE solver")
+    if method == "ddpm":
+        return ddpm_ancestral(model, x, t_start, steps, seed, clip_x0, grad=grad, rng=rng, streams=streams,
+                              precision=precision)
+    if method == "ddim":
+        return ddim(model, x, t_start, steps, seed, eta, clip_x0, grad=grad, rng=rng, streams=streams,
+                    precision=precision)
+    return dpm_solver_2m(model, x, t_start, steps, clip_x0, grad=grad, precision=precision)

@@ -2,11 +2,13 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdepure.brownian import GridBrownian
+from sdepure.brownian import GridBrownian, Streams
 from sdepure.errors import SdepureError
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.schedules import DiscreteVP, LinearVP
+from sdepure.rng import derive_seed
 from sdepure.solvers import ddpm_times, solve
 
 
@@ -33,15 +35,19 @@ def test_grid_brownian_increments_standard_normal():
     assert abs(float(z.var()) - 1) < 4 * math.sqrt(2 / len(z))
 
 
+def _cpu_stream(shape, seed, k):
+    """Increment k as sdepure has always drawn it: float32 from a CPU generator seeded (seed, k)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, k)), dtype=torch.float32)
+
+
 def _manual_euler(model, x, t_start, steps, seed):
-    """Euler-Maruyama in physical time with the same increments, written out by hand."""
+    """Euler-Maruyama in physical time with the CPU-stream increments, written out by hand."""
     grid = torch.linspace(t_start, 0.0, steps + 1, dtype=torch.float64)
-    bm = GridBrownian(seed, x.shape, dtype=x.dtype)
     for k in range(steps):
         t, h = float(grid[k]), float(grid[k] - grid[k + 1])
         beta = float(model.schedule.beta(t))
         score = model.score(x, torch.full((x.shape[0],), t, dtype=x.dtype))
-        x = x + h * (0.5 * beta * x + beta * score) + math.sqrt(beta * h) * bm.increment(k)
+        x = x + h * (0.5 * beta * x + beta * score) + math.sqrt(beta * h) * _cpu_stream(x.shape, seed, k).to(x.dtype)
     return x
 
 
@@ -62,7 +68,7 @@ def test_same_seed_same_output_different_seed_differs(gmm_model):
         assert not torch.allclose(a, c)
 
 
-@pytest.mark.parametrize("method,steps", [("euler", 500), ("reversible_heun", 200), ("ddpm", 200)])
+@pytest.mark.parametrize("method,steps", [("euler", 500), ("reversible_heun", 200), ("ddpm", 200), ("ddim", 200)])
 def test_reverse_sde_samples_exact_posterior(gmm_model, method, steps):
     """From a fixed x_t*, the reverse process must sample p(x0 | x_t*) (a Gaussian mixture).
     Tolerances: mixture weights within 0.03 (binomial SE at n=4000 is <= 0.008), component
@@ -71,7 +77,8 @@ def test_reverse_sde_samples_exact_posterior(gmm_model, method, steps):
     x_t = torch.tensor([[0.1, 0.2]], dtype=torch.float64)
     w, m, c = gmm_model.posterior(x_t, t_star)
     n = 4000
-    y = solve(gmm_model, x_t.expand(n, 2).clone(), t_star, steps, seed=11, method=method, clip_x0=False)
+    eta = 1.0 if method == "ddim" else 0.0  # DDIM at eta = 1 samples as ddpm does
+    y = solve(gmm_model, x_t.expand(n, 2).clone(), t_star, steps, seed=11, method=method, clip_x0=False, eta=eta)
     comp = torch.cdist(y, m[0]).argmin(1)
     share = torch.bincount(comp, minlength=3).double() / n
     assert torch.allclose(share, w[0], atol=0.03), (share, w)
@@ -153,3 +160,178 @@ def test_exact_gradient_in_segments_equals_plain_backprop(gmm_model, method, ste
     monkeypatch.setattr(solvers, "SEGMENT_FROM", 10**9)  # per-call checkpoints only
     flat_out, flat_grad, _, flat_total = run("exact")
     assert torch.allclose(flat_grad, grad, atol=1e-12) and flat_total == 2 * plain_calls
+
+
+# -- random streams: CPU stream unchanged, device stream reproducible, rows addressed -----------
+
+def test_cpu_stream_is_the_one_drawn_before():
+    """rng="cpu" increments are exactly torch.randn from a CPU generator seeded (seed, k), in any
+    dtype request (drawn float32, then cast), as sdepure drew them before the device option."""
+    for dtype in (torch.float32, torch.float64):
+        bm = GridBrownian(5, (4, 3), dtype=dtype, rng="cpu")
+        for k in (0, 1, 7):
+            assert torch.equal(bm.increment(k), _cpu_stream((4, 3), 5, k).to(dtype))
+        assert torch.equal(bm(2, 4), _cpu_stream((4, 3), 5, 2).to(dtype) + _cpu_stream((4, 3), 5, 3).to(dtype))
+
+
+@pytest.mark.parametrize("method", ["euler", "ddpm", "ddim"])
+def test_device_rng_solve_is_reproducible(gmm_model, method):
+    x = torch.zeros(16, 2, dtype=torch.float64)
+    eta = 1.0 if method == "ddim" else 0.0
+    a = solve(gmm_model, x, 0.25, 6, seed=1, method=method, rng="device", clip_x0=False, eta=eta)
+    b = solve(gmm_model, x, 0.25, 6, seed=1, method=method, rng="device", clip_x0=False, eta=eta)
+    c = solve(gmm_model, x, 0.25, 6, seed=2, method=method, rng="device", clip_x0=False, eta=eta)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    # on the CPU the device generator is the CPU generator: both streams coincide
+    assert torch.equal(a, solve(gmm_model, x, 0.25, 6, seed=1, method=method, rng="cpu", clip_x0=False, eta=eta))
+    with pytest.raises(SdepureError, match="rng"):
+        solve(gmm_model, x, 0.25, 6, seed=1, method=method, rng="gpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_rng_on_cuda_is_reproducible_and_cpu_stream_matches_cpu(gmm_model):
+    x = torch.zeros(16, 2, dtype=torch.float64)
+    cuda = [solve(gmm_model, x.cuda(), 0.25, 6, seed=1, rng="device").cpu() for _ in range(2)]
+    assert torch.equal(cuda[0], cuda[1])
+    on_cuda_cpu_stream = solve(gmm_model, x.cuda(), 0.25, 6, seed=1, rng="cpu").cpu()
+    assert torch.allclose(on_cuda_cpu_stream, solve(gmm_model, x, 0.25, 6, seed=1, rng="cpu"), atol=1e-10)
+
+
+@pytest.mark.parametrize("rng", ["cpu", "device"])
+def test_streams_address_each_row_independently_of_the_others(rng):
+    """Row (stream s, row b) gets row b of the plain width-row path seeded derive_seed(seed, s),
+    in any order and whichever other rows are present."""
+    width, shape = 5, (5, 3)
+    plain = {s: GridBrownian(derive_seed(9, s), shape, dtype=torch.float64, rng=rng) for s in range(4)}
+    full = GridBrownian(9, (20, 3), dtype=torch.float64, rng=rng, streams=Streams.blocks(range(4), range(5), width))
+    mixed_rows = Streams((3, 0, 3, 1), (4, 2, 0, 2), width)  # unsorted, streams interleaved
+    mixed = GridBrownian(9, (4, 3), dtype=torch.float64, rng=rng, streams=mixed_rows)
+    for k in (0, 3):
+        z = full.increment(k)
+        for s in range(4):
+            assert torch.equal(z[s * 5:(s + 1) * 5], plain[s].increment(k))
+        m = mixed.increment(k)
+        for r, (s, b) in enumerate(zip(mixed_rows.stream, mixed_rows.row)):
+            assert torch.equal(m[r], plain[s].increment(k)[b])
+    with pytest.raises(SdepureError):
+        Streams((0, 1), (0, 5), width)
+
+
+# -- no host-device synchronisation inside a solve ------------------------------------------
+
+class _HostTraffic(TorchDispatchMode):
+    """Counts what would synchronise a CUDA run on a meta-device solve: host reads of device
+    values (_local_scalar_dense; on meta they raise anyway) and copies host -> device. A CPU
+    0-dim tensor in arithmetic is a wrapped scalar (passed by value, no copy) and is not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.copies = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if func is torch.ops.aten._local_scalar_dense.default and tensors[0].device.type != "cpu":
+            self.reads += 1
+        out = func(*args, **kwargs)
+        if (func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+                and isinstance(out, torch.Tensor) and out.device.type == "meta"
+                and any(t.device.type == "cpu" and t.dim() > 0 for t in tensors)):
+            self.copies += 1
+        return out
+
+
+def _meta_model(schedule):
+    from sdepure.models.base import EpsNetModel
+    from sdepure.models.digits import DigitsEpsMLP
+    return EpsNetModel(DigitsEpsMLP(width=8, blocks=1, emb_dim=8).to("meta"), schedule)
+
+
+@pytest.mark.parametrize("schedule", [LinearVP(), DiscreteVP.linear(1000)], ids=["continuous", "table"])
+def test_solves_make_no_host_device_traffic_per_step(schedule):
+    """Every fixed-step solver runs on the meta device (any host read of a device value would
+    raise), and with rng="device" copies nothing from the host at all; with rng="cpu" it copies
+    one draw per noisy step (on CUDA through pinned memory without blocking). ode-dopri5 is
+    adaptive: its step-size control reads the error estimate, by design."""
+    from sdepure.solvers import SOLVERS
+    model = _meta_model(schedule)
+    x = torch.empty(6, 1, 8, 8, device="meta")
+    streams = Streams((0, 0, 0, 1, 1, 1), (0, 1, 2, 2, 0, 1), 3)
+    solve(model, x, 0.3, 2, 0, "euler", rng="device", streams=streams)  # lazy one-time set-up
+    for method in SOLVERS:
+        if method == "ode-dopri5":
+            continue
+        noisy = method in SDE_NOISY or method == "ddpm"
+        for rng in ("device", "cpu") if noisy else ("device",):
+            traffic = {}
+            for steps in (2, 4):
+                with _HostTraffic() as watch:
+                    y = solve(model, x, 0.3, steps, 0, method, rng=rng, streams=streams)
+                assert y.device.type == "meta" and watch.reads == 0, (method, rng)
+                traffic[steps] = watch.copies
+            if rng == "device" or not noisy:  # nothing per step (setup may copy an index once)
+                assert traffic[4] == traffic[2] <= 1, (method, rng, traffic)
+            else:
+                assert traffic[4] > traffic[2], (method, traffic)  # shows the counter sees the copies
+
+
+SDE_NOISY = ("euler", "milstein", "heun", "midpoint", "euler_heun", "reversible_heun")
+
+
+def test_item_on_a_device_value_inside_a_solve_is_caught():
+    """The meta-device check can fail: a model that reads a value on the host is refused."""
+    class Reads(torch.nn.Module):
+        def forward(self, x, t):
+            return x * float(t[0])
+    from sdepure.models.base import EpsNetModel
+    model = EpsNetModel(Reads(), LinearVP())
+    with pytest.raises(Exception, match="meta"):
+        solve(model, torch.empty(2, 4, device="meta"), 0.3, 2, 0, "euler", rng="device")
+
+
+# -- exact gradients: input only, at every step count and for every method family -----------
+
+def _mlp_model():
+    from sdepure.models.base import EpsNetModel
+    from sdepure.models.digits import DigitsEpsMLP
+    torch.manual_seed(0)
+    return EpsNetModel(DigitsEpsMLP(width=16, blocks=1, emb_dim=8, dim=2).double(), LinearVP())
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "reversible_heun", "ode-euler", "ode-rk4",
+                                    "ode-dopri5", "ddpm", "ddim", "dpm-solver-2m"])
+def test_exact_gradients_are_input_only_and_equal_plain_backprop(method):
+    """grad="exact" gives the network's weights no gradient, below and above SEGMENT_FROM steps,
+    while the input gradient is plain backprop's (float64, 1e-10)."""
+    from sdepure import solvers
+    model = _mlp_model()
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for steps in (3, solvers.SEGMENT_FROM + 4):
+        grads = {}
+        for grad in (None, "exact"):
+            model.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            out = solve(model, xi, 0.3, steps, seed=2, method=method, grad=grad, clip_x0=False)
+            (out * w).sum().backward()
+            grads[grad] = xi.grad
+            weight_grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if grad is None:
+                assert weight_grads  # plain backprop reaches the weights: the check below can fail
+            else:
+                assert not weight_grads, (method, steps)
+        assert torch.allclose(grads["exact"], grads[None], atol=1e-10), (method, steps)
+
+
+@pytest.mark.parametrize("method", ["ode-euler", "ode-midpoint", "ode-rk4"])
+def test_fixed_step_ode_loop_equals_torchdiffeq(gmm_model, method):
+    """The PF-ODE steps written here follow torchdiffeq's formulas (rk4: its 3/8 rule)."""
+    import torchdiffeq
+
+    from sdepure.sde import ProbabilityFlowODE, time_grid
+    from sdepure.solvers import ODE_METHODS
+    x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    func = ProbabilityFlowODE(gmm_model, time_grid(0.3, 0.0, 12), x.shape)
+    ts = torch.tensor([0.0, 12.0], dtype=torch.float64)
+    ref = torchdiffeq.odeint(func, x, ts, method=ODE_METHODS[method], options={"step_size": 1.0})[-1]
+    assert torch.allclose(solve(gmm_model, x, 0.3, 12, 0, method), ref, atol=1e-12)

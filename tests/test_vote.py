@@ -1,0 +1,172 @@
+"""DensePure's early-stopped vote: exact (the full vote's labels) and cheaper (counted network calls)."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from sdepure import purify
+from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
+from sdepure.rng import derive_seed
+from sdepure.schedules import LinearVP
+from sdepure.smoothing import Smooth, certify_images
+from sdepure.solvers import solve
+
+MEANS = [[0.6, 0.0], [-0.6, 0.0], [0.0, 0.6]]
+
+
+def _final_winners(counts, remaining, classes):
+    """Every winner majority_vote can still return after `remaining` more votes (brute force)."""
+    winners = set()
+    for rest in itertools.product(range(classes), repeat=remaining):
+        final = counts.clone()
+        for c in rest:
+            final[c] += 1
+        winners.add(int(purify.majority_vote(torch.repeat_interleave(torch.arange(classes), final)[None],
+                                             classes)))
+    return winners
+
+
+def _all_counts(classes, total):
+    for c in itertools.product(range(total + 1), repeat=classes):
+        if sum(c) == total:
+            yield torch.tensor(c)
+
+
+@pytest.mark.parametrize("classes,votes", [(3, 5), (3, 6), (4, 5)])
+def test_vote_decided_and_votes_to_decide_against_brute_force(classes, votes):
+    """vote_decided is True exactly when no continuation changes the winner; votes_to_decide is
+    the fewest further votes after which some continuation has decided the vote."""
+    for done in range(votes):
+        remaining = votes - done
+        for counts in _all_counts(classes, done):
+            decided = bool(purify.vote_decided(counts[None], remaining))
+            assert decided == (len(_final_winners(counts, remaining, classes)) == 1), (counts, remaining)
+            if decided:
+                continue
+            fewest = next(j for j in range(1, remaining + 1)
+                          if any(purify.vote_decided((counts + torch.bincount(torch.tensor(extra), minlength=classes))[None],
+                                                     remaining - j)
+                                 for extra in itertools.product(range(classes), repeat=j)))
+            assert int(purify.votes_to_decide(counts[None], remaining)) == fewest, (counts, remaining)
+
+
+class NearestMean(nn.Module):
+    def __init__(self, means):
+        super().__init__()
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+
+    def forward(self, x01):
+        return -torch.cdist(2 * x01 - 1, self.means.to(x01))
+
+
+class CountingModel(GaussianMixtureModel):
+    """Counts network evaluations (rows) of the exact GMM score (eps goes through score)."""
+
+    def __init__(self, mixture, schedule):
+        super().__init__(mixture, schedule)
+        self.rows = 0
+
+    def score(self, x, t):
+        self.rows += x.shape[0]
+        return super().score(x, t)
+
+
+def _first_decided(labels, classes):
+    """Runs a one-at-a-time vote evaluates for each input: the shortest prefix that decides it."""
+    out = []
+    for row in labels:
+        counts = torch.zeros(classes, dtype=torch.long)
+        for m, label in enumerate(row.tolist(), start=1):
+            counts[label] += 1
+            if purify.vote_decided(counts[None], len(row) - m):
+                out.append(m)
+                break
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("solver,votes", [("euler", 10), ("ddpm", 9), ("euler", 40)])
+def test_early_stop_gives_the_full_vote_with_fewer_network_calls(solver, votes):
+    steps, sigma, classes = 4, 0.2, 3
+    model = CountingModel(GaussianMixture(MEANS, [0.08] * 3, weights=[0.4, 0.35, 0.25]), LinearVP())
+    t_star = purify.t_star_for(model.schedule, sigma, "densepure")
+    full = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, steps, solver), NearestMean(MEANS),
+                                     classes, votes, early_stop=False)
+    early = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, steps, solver), NearestMean(MEANS),
+                                      classes, votes)
+    gen = torch.Generator().manual_seed(0)
+    # noisy inputs around the three means (on [0, 1]): mostly clear-cut votes, some ambiguous
+    centers = (torch.tensor(MEANS, dtype=torch.float64) + 1) / 2
+    x = centers[torch.arange(64) % 3] + sigma * torch.randn(64, 2, generator=gen, dtype=torch.float64)
+    model.rows = 0
+    labels_full = full.predict(x, seed=3)
+    rows_full = model.rows
+    model.rows = 0
+    labels_early = early.predict(x, seed=3)
+    rows_early = model.rows
+    assert torch.equal(labels_full, labels_early)
+    assert rows_full == steps * votes * len(x)
+    # exactly the network calls of a one-at-a-time vote: each input stops at the first run after
+    # which its winner is fixed (computed from the full vote's own run labels)
+    run_labels = full.vote_logits(x, seed=3).argmax(-1)
+    assert torch.equal(purify.majority_vote(run_labels, classes), labels_full)
+    assert rows_early == steps * int(_first_decided(run_labels, classes).sum())
+    assert rows_early < rows_full * (0.7 if votes == 40 else 0.85), rows_early / rows_full
+
+
+def test_run_k_gets_the_same_noise_whatever_is_evaluated():
+    """Run k of input b is a plain solve of the whole batch with seed derive_seed(seed, k), row b."""
+    model = GaussianMixtureModel(GaussianMixture(MEANS, [0.08] * 3), LinearVP())
+    t_star = purify.t_star_for(model.schedule, 0.5, "densepure")
+    for solver in ("euler", "ddpm", "ddim"):
+        purifier = purify.ReverseProcess(model, t_star, 5, solver, eta=1.0 if solver == "ddim" else 0.0)
+        base = purify.PurifiedClassifier(purifier, NearestMean(MEANS), 3, votes=4)
+        x = torch.rand(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        xt = purifier.ab ** 0.5 * (2 * x - 1)
+        some = base.run_logits(x, 7, runs=[3, 1], draws=[5, 0, 2])
+        for i, k in enumerate([3, 1]):
+            plain = solve(model, xt, t_star, 5, derive_seed(7, k), solver, eta=purifier.eta)
+            expected = base.classifier((plain.clamp(-1, 1) + 1) / 2)[[5, 0, 2]]
+            assert torch.allclose(some[i], expected, atol=1e-12), solver
+
+
+def test_certify_tsv_identical_with_and_without_early_stop():
+    """The shipped digits models, 3 images, K = 10: every certify.tsv column but time agrees."""
+    from sdepure.classifiers import build_classifier
+    from sdepure.config import load_config
+    from sdepure.data import load_dataset
+    from sdepure.models import build_score_model
+
+    cfg = load_config("digits")
+    model = build_score_model(cfg["model"])
+    classifier = build_classifier(cfg["classifier"], False, 10)
+    x, y, _ = load_dataset(cfg["data"])
+    t_star = purify.t_star_for(model.schedule, 0.5, "densepure")
+    rows = {}
+    for early_stop in (False, True):
+        base = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, 3, "euler"), classifier, 10,
+                                         votes=10, early_stop=early_stop)
+        smooth = Smooth(base.predict, 10, 0.5)
+        with torch.no_grad():
+            out = certify_images(smooth, x, y, [0, 7, 21], n0=8, n=40, alpha=0.01, batch=24, seed=0)
+        rows[early_stop] = [{k: v for k, v in r.items() if k != "time"} for r in out]
+    assert rows[True] == rows[False]
+    assert any(r["predict"] >= 0 for r in rows[True])
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm-solver-2m", "ode-euler"])
+def test_deterministic_purifier_votes_with_one_run(solver):
+    """Runs of a noise-free solver are all equal, so the early-stopped vote evaluates one."""
+    model = CountingModel(GaussianMixture(MEANS, [0.08] * 3), LinearVP())
+    t_star = purify.t_star_for(model.schedule, 0.5, "densepure")
+    x = torch.rand(32, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    labels = {}
+    for early_stop in (False, True):
+        base = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, 4, solver), NearestMean(MEANS), 3,
+                                         votes=7, early_stop=early_stop)
+        model.rows = 0
+        labels[early_stop] = base.predict(x, seed=1)
+        calls_per_row = model.rows // (4 * len(x))
+        assert calls_per_row == (1 if early_stop else 7)
+    assert torch.equal(labels[True], labels[False])
+    assert not purify.ReverseProcess(model, t_star, 4, "ddim", eta=0.5).deterministic
