@@ -6,8 +6,9 @@
     euler, ddpm, ode-euler and heun, at the digits default shape (250 draws x K=10 rows, 10
     steps, the shipped eps-MLP) and with a tiny MLP, where fixed per-step costs dominate.
 (b) One image's CERTIFY (the digits default: DensePure K=10, 10 Euler steps, n0=32, n=400,
-    batch 250) against its NFE floor: the same number of score-network and classifier forward
-    passes at the same batch sizes on pre-made inputs, nothing else.
+    batch 250) against its NFE floor: the score-network and classifier forward passes CERTIFY
+    made (recorded by forward hooks, so an early-stopped vote's smaller chunks are replayed as
+    they ran), on pre-made inputs of the same shapes, nothing else.
 
 Each figure is the minimum over --repeats runs, the two sides of a ratio alternating in the same
 process. Prints one JSON object on stdout and writes a markdown table (--md).
@@ -33,6 +34,7 @@ from sdepure.models.base import EpsNetModel
 from sdepure.models.digits import DigitsEpsMLP
 from sdepure.purify import build, t_star_for
 from sdepure.rng import derive_seed
+from sdepure.settings import Purifier
 from sdepure.schedules import LinearVP
 from sdepure.sde import time_grid
 from sdepure.smoothing import Smooth
@@ -123,14 +125,16 @@ def tiny_model() -> EpsNetModel:
     return EpsNetModel(DigitsEpsMLP(width=16, blocks=1, emb_dim=16), LinearVP()).eval()
 
 
-def solve_rows(cfg: dict, repeats: int, methods, tiny_rows: int) -> list[dict]:
+def solve_rows(cfg: dict, repeats: int, methods, tiny_rows, with_digits: bool = True) -> list[dict]:
     m = cfg["method"]
     sigma, votes, steps = float(m["sigma"]), int(m["votes"]), int(m["steps"])
     draws = int(cfg["certify"]["batch"])
     digits = build_score_model(cfg["model"])
     x, _ = load_digits("test")
     rows = []
-    for name, model, n in (("digits", digits, draws * votes), ("tiny", tiny_model(), tiny_rows)):
+    tiny = tiny_model()
+    cases = ([("digits", digits, draws * votes)] if with_digits else []) + [("tiny", tiny, r) for r in tiny_rows]
+    for name, model, n in cases:
         t_star = t_star_for(model.schedule, sigma, "densepure")
         gen = torch.Generator().manual_seed(1)
         x0 = x[0].expand(n, *x.shape[1:])
@@ -139,14 +143,37 @@ def solve_rows(cfg: dict, repeats: int, methods, tiny_rows: int) -> list[dict]:
         for method in methods:
             seed = 12345
             with torch.no_grad():
-                ref, fl = solve(model, xt, t_star, steps, seed, method), floor_solve(model, xt, t_star, steps, seed, method)
+                log = CallLog(net=model.net)
+                ref = solve(model, xt, t_star, steps, seed, method)
+                calls_solve = len(log.calls)
+                fl = floor_solve(model, xt, t_star, steps, seed, method)
+                calls_floor = len(log.calls) - calls_solve
+                log.close()
                 t_solve, t_floor = compare(lambda: solve(model, xt, t_star, steps, seed, method),
                                            lambda: floor_solve(model, xt, t_star, steps, seed, method), repeats)
             rows.append({"model": name, "rows": n, "steps": steps, "method": method, "nfe": nfe(method, steps),
                          "solve_s": t_solve, "floor_s": t_floor, "ratio": t_solve / t_floor,
-                         "target": TARGETS[name], "max_abs_diff": float((ref - fl).abs().max())})
+                         "target": TARGETS[name], "network_calls": [calls_solve, calls_floor],
+                         "max_abs_diff": float((ref - fl).abs().max())})
             print(json.dumps(rows[-1]), file=__import__("sys").stderr)
     return rows
+
+
+class CallLog:
+    """Records the input shapes of every forward call of the given modules (forward hooks)."""
+
+    def __init__(self, **modules):
+        self.calls: list[tuple[str, tuple]] = []
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            self.calls.append((name, tuple(tuple(a.shape) for a in args if torch.is_tensor(a))))
+        return hook
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
 
 
 def certify_row(cfg: dict, repeats: int) -> dict:
@@ -155,29 +182,37 @@ def certify_row(cfg: dict, repeats: int) -> dict:
     n0, n, alpha, batch = int(c["n0"]), int(c["n"]), float(c["alpha"]), int(c["batch"])
     model = build_score_model(cfg["model"])
     classifier = build_classifier(cfg["classifier"], num_classes=10)
-    base = build(m["name"], model, classifier, 10, sigma, votes=votes, steps=steps, solver=solver)
+    base = build(Purifier(method=m["name"], sigma=sigma, votes=votes, steps=steps, solver=solver), model, classifier, 10)
     smooth = Smooth(base.predict, 10, sigma)
     x, _ = load_digits("test")
     image = x[0]
-    # the floor: the same forward passes at the same batch sizes (rows = draws x K), nothing else
-    sizes = [min(batch, k - s) for k in (n0, n) for s in range(0, k, batch)]
-    calls_per_batch = steps * (2 if solver == "heun" else 1)
-    inputs = [torch.rand(b * votes, *image.shape, generator=torch.Generator().manual_seed(b)) for b in sizes]
-    times = [torch.full((r.shape[0],), 0.1) for r in inputs]
-    net = model.net
+
+    def run():
+        return smooth.certify(image, n0, n, alpha, batch, seed=7)
+
+    # the floor replays the network and classifier calls CERTIFY makes (recorded by forward hooks:
+    # whatever vote or batching it uses), on pre-made inputs of the same shapes, and nothing else
+    log = CallLog(net=model.net, classifier=classifier)
+    with torch.no_grad():
+        result = run()
+    log.close()
+    gen = torch.Generator().manual_seed(0)
+    replay = [(model.net if name == "net" else classifier,
+               [torch.rand(shape, generator=gen) * (0.2 if len(shape) == 1 else 1.0) for shape in shapes])
+              for name, shapes in log.calls]
 
     def floor():
-        for xr, tr in zip(inputs, times):
-            for _ in range(calls_per_batch):
-                net(xr, tr)
-            classifier(xr)
+        for module, args in replay:
+            module(*args)
 
     with torch.no_grad():
-        t_cert, t_floor = compare(lambda: smooth.certify(image, n0, n, alpha, batch, seed=7), floor, repeats)
+        t_cert, t_floor = compare(run, floor, repeats)
+    net_rows = [shapes[0][0] for name, shapes in log.calls if name == "net"]
     return {"what": f"CERTIFY one image: {m['name']} K={votes}, {steps} {solver} steps, n0={n0}, n={n}, batch {batch}",
-            "network_calls": calls_per_batch * len(sizes), "classifier_calls": len(sizes),
-            "rows_per_call": [b * votes for b in sizes], "certify_s": t_cert, "floor_s": t_floor,
-            "ratio": t_cert / t_floor, "target": TARGETS["certify"]}
+            "prediction": result[0], "radius": result[1],
+            "network_calls": len(net_rows), "network_rows": sum(net_rows),
+            "classifier_calls": sum(name == "classifier" for name, _ in log.calls),
+            "certify_s": t_cert, "floor_s": t_floor, "ratio": t_cert / t_floor, "target": TARGETS["certify"]}
 
 
 def markdown(result: dict) -> str:
@@ -202,7 +237,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--tiny-rows", type=int, default=2500, help="rows of the tiny-MLP solve")
+    ap.add_argument("--tiny-rows", default="2500,16", help="rows of the tiny-MLP solves (comma-separated)")
+    ap.add_argument("--skip-digits", action="store_true", help="only the tiny-MLP solves in (a)")
     ap.add_argument("--parts", default="solve,certify")
     ap.add_argument("--md", default=os.path.join(os.path.dirname(__file__), "overhead.md"),
                     help="markdown table to write ('' for none)")
@@ -215,7 +251,8 @@ def main() -> None:
               "note": "timings on a shared machine are noisy; re-run quietly"}
     parts = args.parts.split(",")
     if "solve" in parts:
-        result["solve"] = solve_rows(cfg, args.repeats, args.methods.split(","), args.tiny_rows)
+        result["solve"] = solve_rows(cfg, args.repeats, args.methods.split(","),
+                                     [int(r) for r in args.tiny_rows.split(",") if r], not args.skip_digits)
     if "certify" in parts:
         result["certify"] = certify_row(cfg, args.repeats)
     result.setdefault("solve", [])
