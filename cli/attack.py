@@ -6,6 +6,7 @@ from tqdm import tqdm
 
 from sdepure import experiments
 from sdepure.config import load_config
+from sdepure.precision import PRECISIONS
 from sdepure.settings import GRAD_MODES, METHODS, attack_from_config
 
 from .common import apply_paths, check_out, common_options, default_out, resolve_device
@@ -29,6 +30,8 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--steps", type=int, help="Reverse-process steps.")
 @click.option("--solver")
 @click.option("--votes", type=int, help="DensePure: K purifications per prediction.")
+@click.option("--eta", type=float, help="ddim solver: noise level in [0, 1] (0: deterministic).")
+@click.option("--precision", help=f"Network arithmetic: {', '.join(PRECISIONS)} (autocast; fp32 default).")
 @click.option("--pgd-steps", type=int, help="PGD / BPDA iterations.")
 @click.option("--eot", type=int, help="PGD / BPDA: gradient samples per iteration.")
 @click.option("--step-size", help="PGD / BPDA step size, e.g. 2/255.")

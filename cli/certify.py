@@ -1,11 +1,16 @@
 """`sdepure certify`: certified L2 accuracy of a purified classifier by randomized smoothing."""
 from __future__ import annotations
 
-import click
-from tqdm import tqdm
+import sys
+from pathlib import Path
 
-from sdepure import experiments
+import click
+from click.core import ParameterSource
+
+from sdepure import distributed, experiments, runs
 from sdepure.config import load_config
+from sdepure.errors import SdepureError
+from sdepure.precision import PRECISIONS
 from sdepure.settings import METHODS, certify_from_config
 from sdepure.solvers import SOLVERS
 
@@ -23,28 +28,62 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--votes", type=int, help="DensePure: reverse runs per noise draw (K).")
 @click.option("--steps", type=int, help="Reverse-process steps.")
 @click.option("--solver", type=str, help=f"One of {', '.join(SOLVERS)}.")
+@click.option("--eta", type=float, help="ddim solver: noise level in [0, 1] (0, the default: deterministic).")
+@click.option("--precision", type=str, help=f"Network arithmetic: {', '.join(PRECISIONS)} (autocast; fp32 default).")
 @click.option("--batch", type=int, help="Noise draws per forward pass (x votes rows).")
 @click.option("--start", type=int, help="First test image index.")
 @click.option("--stop", type=int, help="Stop before this image index.")
 @click.option("--skip", type=int, help="Take every skip-th image.")
+@click.option("--shard", type=str, help="i/n: certify every n-th selected image, starting at the i-th (0-based).")
+@click.option("--resume", type=click.Path(path_type=Path),
+              help="Continue the run in this directory (its recorded settings; flags given must agree).")
 @common_options
-def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, batch, start, stop, skip,
-            seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
+def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta, precision, batch, start, stop,
+            skip, shard, resume, seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
     """Certify a purified classifier with randomized smoothing (Cohen et al.).
 
-    Writes certify.tsv (idx label predict radius correct time), certified_accuracy.png and
-    summary.json to --out, and prints certified accuracy at a range of L2 radii."""
-    cfg = apply_paths(load_config(config_name), model_weights, classifier_weights, data_root)
-    settings = certify_from_config(cfg, dict(name=method, sigma=sigma, votes=votes, steps=steps, solver=solver,
-                                             n0=n0, n=n, alpha=alpha, batch=batch, start=start, stop=stop,
-                                             skip=skip, seed=seed))
-    dev = resolve_device(device)
+    Writes run.json at the start, certify.tsv (idx label predict radius correct time) row by row,
+    then certified_accuracy.png and summary.json to --out, and prints certified accuracy at a
+    range of L2 radii. Under torchrun each process certifies one shard and rank 0 merges them."""
+    ctx = click.get_current_context()
+    given = {name: ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+             for name in ("config_name", "seed")}
+    env = distributed.from_environ()
+    part = runs.parse_shard(shard) if shard is not None else None
+    if part is not None and env.active:
+        raise SdepureError("--shard and torchrun both split the images; use one of them")
+    overrides = dict(name=method, sigma=sigma, votes=votes, steps=steps, solver=solver, eta=eta,
+                     precision=precision, n0=n0, n=n, alpha=alpha,
+                     batch=batch, start=start, stop=stop, skip=skip, seed=seed if given["seed"] else None)
+    if resume is not None:
+        if out is not None:
+            raise SdepureError("--resume continues the run in its own directory; drop --out")
+        record = runs.load_record(resume)
+        runs.check_world_size(resume, record, env.world_size)
+        # without --config, the run's own config tables and settings; flags given must agree
+        cfg = load_config(config_name) if given["config_name"] else runs.config_from_record(record)
+        overrides["seed"] = seed if given["seed"] else record["settings"]["seed"]
+        part = part or runs.record_shard(record)
+    else:
+        cfg = load_config(config_name)
+        overrides["seed"] = seed
+    cfg = apply_paths(cfg, model_weights, classifier_weights, data_root)
+    settings = certify_from_config(cfg, overrides)
+    dev = distributed.device_for(env, resolve_device(device))
     p = settings.purifier
-    out = check_out(out or default_out("certify", cfg["name"], p.method, f"sigma{p.sigma}"))
+    if resume is not None:
+        out = resume
+    elif out is not None or not env.active:  # under torchrun rank 0 names the default directory
+        out = check_out(out or default_out("certify", cfg["name"], p.method, f"sigma{p.sigma}"))
+    else:
+        out = default_out("certify", cfg["name"], p.method, f"sigma{p.sigma}")
     components = experiments.load_components(cfg, p, dev, allow_pickle)
-    total = len(experiments.selected_images(settings, len(components.x))) * (settings.n0 + settings.n)
-    with tqdm(total=total, unit="draw", desc="certify", leave=False) as bar:
-        summary = experiments.certify(cfg, settings, dev, out, components=components, echo=click.echo,
-                                      progress=bar.update)
+    summary = experiments.certify(cfg, settings, dev, out, components=components, echo=click.echo, log=sys.stderr,
+                                  resume=resume is not None, shard=part, dist=env)
+    if not env.is_main:
+        click.echo(f"{env.prefix}shard {env.rank}/{env.world_size} done ({len(summary['rows'])} images); "
+                   f"rank 0 merges")
+        return
     click.echo(experiments.certified_table(summary))
-    click.echo(f"wrote {out}/certify.tsv, certified_accuracy.png, summary.json ({summary['wall_seconds']:.1f} s)")
+    click.echo(f"wrote {summary['run_dir']}/certify.tsv, certified_accuracy.png, summary.json "
+               f"({summary['wall_seconds']:.1f} s)")

@@ -10,6 +10,7 @@ from sdepure.errors import SdepureError
 from .attack import attack
 from .certify import certify
 from .gradcheck import gradcheck
+from .merge import merge
 from .models import models
 from .train import train
 
@@ -24,6 +25,7 @@ def app():
 app.add_command(attack)
 app.add_command(certify)
 app.add_command(gradcheck)
+app.add_command(merge)
 app.add_command(models)
 app.add_command(train)
 

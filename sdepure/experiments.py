@@ -9,18 +9,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TextIO
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import attacks, purify, report
+from . import attacks, distributed, purify, report, runs
 from .classifiers import build_classifier
 from .data import load_dataset, take
 from .errors import SdepureError
 from .models import build_score_model
 from .models.base import DiffusionModel
+from .progress import Progress
 from .rng import derive_seed
 from .settings import Attack, Certify, Purifier
 from .smoothing import Smooth, certify_images
@@ -60,36 +61,149 @@ def selected_images(settings: Certify, total: int) -> list[int]:
 
 def certify(cfg: dict, settings: Certify, device, out: Path | None = None, allow_pickle: bool = False,
             components: Components | None = None, echo: Echo = _quiet,
-            progress: Callable[[int], None] | None = None) -> dict:
-    """Cohen's CERTIFY on each selected image. With `out` (a directory that must not exist yet),
-    rows stream to out/certify.tsv as they are known, and summary.json and
-    certified_accuracy.png follow at the end. Returns the summary with the rows under "rows"."""
+            progress: Callable[[int], None] | None = None, log: TextIO | None = None,
+            resume: bool = False, shard: runs.Shard | None = None,
+            dist: distributed.DistEnv | None = None) -> dict:
+    """Cohen's CERTIFY on each selected image, or on `shard` of them.
+
+    With `out`, a run directory (sdepure.runs): run.json first, rows appended to certify.tsv as
+    they are known, summary.json and certified_accuracy.png at the end. `out` must not exist,
+    unless `resume`: then the run in `out` continues (same settings, or an error naming the one
+    that differs; a torn last row is redone). Under torchrun (`dist`, several processes) process
+    RANK certifies shard RANK/WORLD_SIZE into out/shard-RANK-of-WORLD_SIZE/ and rank 0 merges the
+    shards at the end. `log`: a stream for progress (sdepure.progress: a bar on a terminal,
+    otherwise lines); `progress`: called with the number of draws of each batch.
+    Returns the summary with the rows under "rows" (under torchrun: all rows on rank 0, the
+    rank's own shard elsewhere)."""
     t0 = time.time()
+    dist = dist or distributed.DistEnv()
+    if dist.active and shard is not None:
+        raise SdepureError("--shard and torchrun both split the images; use one of them")
+    if (dist.active or resume) and out is None:
+        raise SdepureError("resuming or running under torchrun needs the run directory")
     device = torch.device(device)
     c = components or load_components(cfg, settings.purifier, device, allow_pickle)
     indices = selected_images(settings, len(c.x))
     base = purify.build(settings.purifier, c.model, c.classifier, c.num_classes)
     t_star = getattr(base.purifier, "t_star", None)
     smooth = Smooth(base.predict, c.num_classes, settings.sigma)
-    echo(f"sdepure certify: {settings.purifier.describe()} on {cfg['name']} ({len(indices)} images "
-         f"from {indices[0]} by {settings.skip} of {len(c.x)})" + (f", t*={t_star:.4f}" if t_star is not None else ""))
-    echo(f"  n0={settings.n0} n={settings.n} alpha={settings.alpha} batch={settings.batch} seed={settings.seed} "
-         f"device={device}" + (f" out={out}" if out is not None else ""))
-    args = (smooth, c.x, c.y, indices, settings.n0, settings.n, settings.alpha, settings.batch, settings.seed)
-    if out is not None:
-        out = Path(out)
-        report.make_out(out)
-        with open(out / "certify.tsv", "w") as tsv, torch.no_grad():
-            tsv.write(report.TSV_HEADER + "\n")
-            rows = certify_images(*args, tsv=tsv, progress=progress, device=device)
-    else:
-        with torch.no_grad():
-            rows = certify_images(*args, progress=progress, device=device)
+    own_shard = runs.Shard(dist.rank, dist.world_size) if dist.active else shard
+    own = own_shard.select(indices) if own_shard else indices
+    say = echo if dist.is_main else _quiet
+    say(f"sdepure certify: {settings.purifier.describe()} on {cfg['name']} ({len(indices)} images "
+        f"from {indices[0]} by {settings.skip} of {len(c.x)}"
+        + (f"; shard {shard}: {len(own)} images" if shard else "")
+        + (f"; {dist.world_size} processes" if dist.active else "") + ")"
+        + (f", t*={t_star:.4f}" if t_star is not None else ""))
+    say(f"  n0={settings.n0} n={settings.n} alpha={settings.alpha} batch={settings.batch} seed={settings.seed} "
+        f"device={device}" + (f" out={out}" if out is not None else ""))
+
+    run_dir, done = None, []
+    try:
+        if out is not None:
+            out, run_dir, done = _open_run(Path(out), cfg, settings, indices, shard, dist, device, t_star, resume)
+        todo = runs.pending({"images": own}, done)
+        if resume and done:
+            say(f"resuming {out}: {len(done)} of {len(own)} images done, {len(todo)} to go")
+        if resume and not todo:
+            echo(f"{dist.prefix}run {run_dir} was already complete ({len(own)} images); "
+                 f"its summary is written again")
+        bar = Progress(len(own), settings.n0 + settings.n, len(done), log, prefix=dist.prefix) if log else None
+
+        def draws(m: int) -> None:
+            if progress:
+                progress(m)
+            if bar:
+                bar.draws(m)
+
+        args = (smooth, c.x, c.y, todo, settings.n0, settings.n, settings.alpha, settings.batch, settings.seed)
+        on_row = bar.image if bar else None
+        try:
+            if run_dir is not None:
+                with open(run_dir / runs.TSV_FILE, "a") as tsv, torch.no_grad():
+                    certify_images(*args, tsv=tsv, progress=draws, device=device, on_row=on_row)
+                rows = runs.load_rows(run_dir)
+            else:
+                with torch.no_grad():
+                    rows = certify_images(*args, progress=draws, device=device, on_row=on_row)
+        finally:
+            if bar:
+                bar.close()
+        if dist.active:
+            distributed.barrier(dist)  # every shard is finished
+            if dist.is_main:
+                _, rows = runs.collect([out])
+    finally:
+        distributed.shutdown(dist)
     summary = certify_summary(cfg, settings, rows, t_star, str(device))
+    summary["shard"] = str(shard) if shard else None
+    summary["processes"] = dist.world_size
     summary["wall_seconds"] = time.time() - t0
-    if out is not None:
+    if out is not None and dist.is_main:
+        if dist.active:
+            runs.write_rows(out / runs.TSV_FILE, rows)  # the shards' rows, merged and sorted by idx
         write_certify_files(out, summary, rows)
+    return {**summary, "rows": rows, "run_dir": None if out is None else str(out)}
+
+
+def merge(dirs, out: Path) -> dict:
+    """Combine the finished shards of one run (checked by sdepure.runs.collect) into the new run
+    directory `out`: run.json, certify.tsv sorted by idx, summary.json, certified_accuracy.png.
+    Returns the summary with the rows under "rows"."""
+    t0 = time.time()
+    out = Path(out)
+    report.check_out(out)
+    record, rows = runs.collect(dirs)
+    s = record["settings"]
+    settings = Certify(purifier=Purifier(**s["purifier"]), **{k: v for k, v in s.items() if k != "purifier"})
+    cfg = {"name": record.get("config_name"), "source": record.get("config_source")}
+    runs.start(out, record)
+    runs.write_rows(out / runs.TSV_FILE, rows)
+    summary = certify_summary(cfg, settings, rows, record.get("t_star"), record.get("device"))
+    summary["merged_from"] = [str(d) for d in dirs]
+    summary["wall_seconds"] = time.time() - t0
+    write_certify_files(out, summary, rows)
     return {**summary, "rows": rows}
+
+
+def _open_run(out: Path, cfg: dict, settings: Certify, indices: list[int], shard, dist, device, t_star,
+              resume: bool) -> tuple[Path, Path, list[dict]]:
+    """Start or resume the run directory `out` (under torchrun: the run and this rank's shard in
+    it); returns the run directory (under torchrun: rank 0's name for it), the directory this
+    process appends rows to, and the rows that one already has.
+    Every check runs on every rank before the processes meet, so all refuse together."""
+    info = {"device": str(device), "t_star": t_star}
+    if not dist.active:
+        record = runs.make_record(settings.to_dict(), cfg, shard.select(indices) if shard else indices, shard,
+                                  **info)
+        if resume:
+            return out, out, runs.resume(out, record)
+        report.check_out(out)
+        runs.start(out, record)
+        return out, out, []
+    own = runs.Shard(dist.rank, dist.world_size)
+    top = runs.make_record(settings.to_dict(), cfg, indices, None, dist.world_size, **info)
+    mine = runs.make_record(settings.to_dict(), cfg, own.select(indices), own, **info)
+    if resume:
+        runs.check_resumable(out, runs.load_record(out), top)
+        distributed.init(dist)
+        run_dir = out / own.dirname
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # killed between creating it and writing its record
+        if not run_dir.exists():  # killed before this rank began
+            runs.start(run_dir, mine)
+            return out, run_dir, []
+        return out, run_dir, runs.resume(run_dir, mine)
+    distributed.init(dist)
+    out = Path(distributed.broadcast(dist, str(out)))  # rank 0's name (a default one has a time stamp)
+    report.check_out(out)
+    distributed.barrier(dist)
+    if dist.is_main:
+        runs.start(out, top)
+    distributed.barrier(dist)
+    run_dir = out / own.dirname
+    runs.start(run_dir, mine)
+    return out, run_dir, []
 
 
 def certify_summary(cfg: dict, settings: Certify, rows: list[dict], t_star: float | None, device: str) -> dict:

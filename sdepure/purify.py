@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .brownian import Streams
 from .errors import SdepureError
 from .models.base import DiffusionModel
-from .schedules import DiscreteVP
-from .brownian import Streams
 from .precision import check_precision, prepare
 from .precision import run as _run_net
 from .rng import check_rng
+from .schedules import DiscreteVP
 from .sde import network_call
 from .settings import Purifier
 from .solvers import ODE_METHODS, check_eta, solve
@@ -34,12 +34,15 @@ DEFAULT_T_RULE = {"carlini": "first", "diffpure": "nearest", "densepure": "neare
 
 
 class Identity(nn.Module):
+    deterministic = True
+
     def forward(self, x, seed: int, streams: Streams | None = None):
         return x
 
 
 class OneShot(nn.Module):
     """Carlini et al.: the model's x0 prediction at t*, clipped to the image range."""
+    deterministic = True
 
     def __init__(self, model: DiffusionModel, t_star: float, precision: str = "fp32"):
         super().__init__()
@@ -79,8 +82,9 @@ class ReverseProcess(nn.Module):
     @property
     def deterministic(self) -> bool:
         """No noise: every run from the same input gives the same output (PF-ODE solvers,
-        dpm-solver-2m, ddim at eta = 0)."""
-        return self.solver in DETERMINISTIC or (self.solver == "ddim" and self.eta == 0.0)
+        dpm-solver-2m, ddim at eta = 0, and one ddpm step: the x0 prediction)."""
+        return (self.solver in DETERMINISTIC or (self.solver == "ddim" and self.eta == 0.0)
+                or (self.solver == "ddpm" and self.steps == 1))
 
     def forward(self, x, seed: int, streams: Streams | None = None):
         """`streams` addresses each row's noise (brownian.Streams); None: one plain solve."""
@@ -206,11 +210,13 @@ def build_purifier(settings: Purifier, model: DiffusionModel | None, grad: str |
         raise SdepureError(f"method {settings.method} needs a diffusion model")
     t_star = resolve_t_star(settings, model.schedule)
     if settings.method == "carlini":
-        return OneShot(model, t_star)
-    return ReverseProcess(model, t_star, settings.steps, settings.solver, grad, settings.adjoint_method)
+        return OneShot(model, t_star, precision=settings.precision)
+    return ReverseProcess(model, t_star, settings.steps, settings.solver, grad, settings.adjoint_method,
+                          eta=settings.eta, precision=settings.precision)
 
 
 def build(settings: Purifier, model: DiffusionModel | None, classifier: nn.Module,
           num_classes: int) -> PurifiedClassifier:
     """The purified base classifier for certification (no gradients)."""
-    return PurifiedClassifier(build_purifier(settings, model), classifier, num_classes, settings.votes)
+    return PurifiedClassifier(build_purifier(settings, model), classifier, num_classes, settings.votes,
+                              precision=settings.precision)

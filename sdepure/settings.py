@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SdepureError
+from .precision import PRECISIONS
 from .schedules import T_RULES
 from .solvers import NO_ADJOINT, ODE_METHODS, SDE_METHODS, SOLVERS, check_adjoint_method
 
@@ -86,6 +87,8 @@ class Purifier:
     t_rule: str | None = None
     grad: str = "exact"
     adjoint_method: str | None = None
+    eta: float = 0.0            # ddim's noise level (0: deterministic DDIM, 1: DDPM's variance)
+    precision: str = "fp32"     # autocast of the score network and classifier (precision.py)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise once)
@@ -112,6 +115,12 @@ class Purifier:
             set_("solver", "ode-euler")  # --grad ode purifies with the probability-flow ODE
         if self.grad == "adjoint" and self.method in REVERSE_METHODS and self.solver in NO_ADJOINT:
             raise SdepureError(f"the {self.solver} sampler has no adjoint; use --grad exact or an SDE/ODE solver")
+        set_("eta", as_float("eta", self.eta))
+        if not 0 <= self.eta <= 1:
+            raise SdepureError(f"eta must be in [0, 1], got {self.eta}")
+        if self.eta != 0 and self.solver != "ddim":
+            raise SdepureError(f"--eta applies to the ddim solver only (solver is {self.solver})")
+        _choice("precision", self.precision, PRECISIONS)
         if self.adjoint_method is not None:
             if self.grad != "adjoint":
                 raise SdepureError("--adjoint-method applies to --grad adjoint only")
@@ -131,7 +140,9 @@ class Purifier:
         if self.method == "densepure":
             parts.append(f"votes K={self.votes}")
         if self.method in REVERSE_METHODS:
-            parts.append(f"{self.steps} {self.solver} steps")
+            parts.append(f"{self.steps} {self.solver} steps" + (f" (eta {self.eta:g})" if self.eta else ""))
+        if self.precision != "fp32":
+            parts.append(self.precision)
         return ", ".join(parts)
 
 
@@ -245,9 +256,10 @@ def _given(overrides: dict) -> dict:
 
 def certify_from_config(cfg: dict, overrides: dict) -> Certify:
     """Certify settings from defaults < the config's [method] and [certify] < overrides (flat
-    names: name, sigma, votes, steps, solver, t_rule, n0, n, alpha, batch, start, stop, skip, seed)."""
+    names: name, sigma, votes, steps, solver, t_rule, eta, precision, n0, n, alpha, batch, start,
+    stop, skip, seed)."""
     cert_keys = set(CERTIFY_DEFAULTS["certify"])
-    method_keys = {"name", "sigma", "votes", "steps", "solver", "t_rule"}
+    method_keys = {"name", "sigma", "votes", "steps", "solver", "t_rule", "eta", "precision"}
     over = _given(overrides)
     m = {**CERTIFY_DEFAULTS["method"], **_table(cfg, "method", method_keys),
          **{k: v for k, v in over.items() if k in method_keys}}
@@ -259,7 +271,8 @@ def certify_from_config(cfg: dict, overrides: dict) -> Certify:
             raise SdepureError(f"--votes applies to densepure only (method is {m['name']})")
         m["votes"] = 1
     purifier = Purifier(method=m["name"], sigma=m["sigma"], votes=m["votes"], steps=m["steps"],
-                        solver=m["solver"], t_rule=m.get("t_rule"))
+                        solver=m["solver"], t_rule=m.get("t_rule"), eta=m.get("eta", 0.0),
+                        precision=m.get("precision", "fp32"))
     return Certify(purifier=purifier, seed=over.get("seed", 0), **c)
 
 
@@ -268,7 +281,8 @@ def attack_from_config(cfg: dict, kind: str | None, overrides: dict) -> Attack:
     command line's options)."""
     if kind is None:
         raise SdepureError("choose an attack: --autoattack, --pgd or --bpda")
-    purifier_keys = {"method", "t_star", "votes", "steps", "solver", "t_rule", "grad", "adjoint_method"}
+    purifier_keys = {"method", "t_star", "votes", "steps", "solver", "t_rule", "grad", "adjoint_method", "eta",
+                     "precision"}
     attack_keys = {f.name for f in dataclasses.fields(Attack)} - {"purifier", "kind", "seed"}
     over = _given(overrides)
     table = _table(cfg, "attack", purifier_keys | attack_keys)

@@ -16,7 +16,7 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
 
 from .errors import SdepureError
-from .rng import derive_seed, randn
+from .rng import check_rng, derive_seed, randn
 
 ABSTAIN = -1
 BaseClassifier = Callable[[torch.Tensor, int], torch.Tensor]  # (noisy batch, seed) -> labels
@@ -39,10 +39,14 @@ def check_params(sigma: float, alpha: float, n0: int, n: int, batch: int) -> Non
 
 
 class Smooth:
-    def __init__(self, base: BaseClassifier, num_classes: int, sigma: float):
+    """rng: "cpu" draws the smoothing noise from the device-independent CPU stream, "device" on
+    the input's device from the same addresses (see rng.py)."""
+
+    def __init__(self, base: BaseClassifier, num_classes: int, sigma: float, rng: str = "cpu"):
         if not sigma > 0:
             raise SdepureError(f"sigma must be > 0, got {sigma}")
-        self.base, self.num_classes, self.sigma = base, num_classes, float(sigma)
+        check_rng(rng)
+        self.base, self.num_classes, self.sigma, self.rng = base, num_classes, float(sigma), rng
 
     def sample_counts(self, x: torch.Tensor, num: int, batch: int, seed: int,
                       progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -50,7 +54,7 @@ class Smooth:
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for b, start in enumerate(range(0, num, batch)):
             m = min(batch, num - start)
-            noise = randn((m, *x.shape), derive_seed(seed, b, 0), dtype=x.dtype, device=x.device)
+            noise = randn((m, *x.shape), derive_seed(seed, b, 0), dtype=x.dtype, device=x.device, rng=self.rng)
             labels = self.base(x.unsqueeze(0) + self.sigma * noise, derive_seed(seed, b, 1))
             counts += np.bincount(labels.cpu().numpy(), minlength=self.num_classes)
             if progress:
@@ -82,12 +86,20 @@ class Smooth:
         return int(top2[0])
 
 
+def format_row(row: dict) -> str:
+    """One line of certify.tsv (Cohen's columns idx label predict radius correct time)."""
+    return (f"{row['idx']}\t{row['label']}\t{row['predict']}\t{row['radius']:.4f}\t"
+            f"{row['correct']}\t{row['time']:.3f}\n")
+
+
 def certify_images(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, indices, n0: int, n: int,
                    alpha: float, batch: int, seed: int, tsv=None,
-                   progress: Callable[[int], None] | None = None, device=None) -> list[dict]:
-    """CERTIFY each image x[i], i in indices, with a seed addressed by (seed, i). `x` only needs
-    x[i] (images may be read lazily); each goes to `device`. Rows go to the open text file `tsv`
-    (Cohen's format) as soon as they are known."""
+                   progress: Callable[[int], None] | None = None, device=None,
+                   on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """CERTIFY each image x[i], i in indices, with a seed addressed by (seed, i), so a row does
+    not depend on which other images ran, in which shard or order. `x` only needs x[i] (images
+    may be read lazily); each goes to `device`. Each row goes to the open text file `tsv`
+    (Cohen's format) in one write, flushed, as soon as it is known, then to `on_row`."""
     import time
 
     rows = []
@@ -99,7 +111,8 @@ def certify_images(smooth: Smooth, x: torch.Tensor, y: torch.Tensor, indices, n0
                "correct": int(pred == int(y[i])), "time": time.time() - start}
         rows.append(row)
         if tsv is not None:
-            tsv.write(f"{row['idx']}\t{row['label']}\t{row['predict']}\t{row['radius']:.4f}\t"
-                      f"{row['correct']}\t{row['time']:.3f}\n")
+            tsv.write(format_row(row))
             tsv.flush()
+        if on_row is not None:
+            on_row(row)
     return rows

@@ -34,6 +34,18 @@ def test_certify_other_methods(tiny, tmp_path, run_cli, method):
     assert json.loads((tmp_path / method / "summary.json").read_text())["settings"]["purifier"]["votes"] == 1
 
 
+@pytest.mark.parametrize("args", [["--solver", "ddim"], ["--solver", "ddim", "--eta", "0.5"],
+                                  ["--solver", "dpm-solver-2m", "--precision", "bf16"]])
+def test_certify_fast_samplers_and_precision(tiny, tmp_path, run_cli, args):
+    out = tmp_path / "o"
+    code, stdout, err = run_cli("certify", "--config", str(tiny), "--out", str(out), "--stop", "2", *args)
+    assert code == 0, err
+    purifier = json.loads((out / "summary.json").read_text())["settings"]["purifier"]
+    given = dict(zip(args[::2], args[1::2]))
+    assert purifier["solver"] == given["--solver"]
+    assert purifier["eta"] == float(given.get("--eta", 0)) and purifier["precision"] == given.get("--precision", "fp32")
+
+
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -61,6 +73,10 @@ BAD = {
     "negative start": (["--start", "-1"], "start"),
     "missing model weights": (["--model-weights", "/nonexistent/eps.pt"], "not found"),
     "missing classifier weights": (["--classifier-weights", "/nonexistent/c.pt"], "not found"),
+    "eta above one": (["--solver", "ddim", "--eta", "1.5"], "eta must be in [0, 1]"),
+    "eta not a number": (["--solver", "ddim", "--eta", "x"], "eta"),
+    "eta with euler": (["--eta", "0.5"], "--eta applies to the ddim solver"),
+    "unknown precision": (["--precision", "fp8"], "unknown precision"),
 }
 
 

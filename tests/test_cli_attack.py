@@ -36,6 +36,16 @@ def test_attack_pgd_and_bpda(tiny, tmp_path, run_cli, kind, grad):
     assert summary["settings"]["purifier"]["grad"] == (grad or "bpda")
 
 
+@pytest.mark.parametrize("solver", ["ddim", "dpm-solver-2m"])
+def test_attack_with_fast_samplers_and_exact_gradients(tiny, tmp_path, run_cli, solver):
+    out = tmp_path / "o"
+    code, _, err = run_cli("attack", "--pgd", "--config", str(tiny), "--out", str(out), "--pgd-steps", "2",
+                           "--eot", "1", "--n-examples", "2", "--solver", solver, "--score-draws", "2")
+    assert code == 0, err
+    purifier = json.loads((out / "summary.json").read_text())["settings"]["purifier"]
+    assert purifier["solver"] == solver and purifier["grad"] == "exact"
+
+
 BAD = {
     "negative eps": (["--autoattack", "--eps", "-0.1"], "eps"),
     "malformed eps": (["--autoattack", "--eps", "8//255"], "eps"),
@@ -57,6 +67,11 @@ BAD = {
     "negative start": (["--pgd", "--start", "-2"], "start"),
     "adjoint method mismatch": (["--pgd", "--grad", "adjoint", "--adjoint-method", "midpoint"], "does not pair"),
     "unknown device": (["--pgd", "--device", "tpu"], "device"),
+    "ddim has no adjoint": (["--pgd", "--grad", "adjoint", "--solver", "ddim"], "no adjoint"),
+    "dpm-solver has no adjoint": (["--pgd", "--grad", "adjoint", "--solver", "dpm-solver-2m"], "no adjoint"),
+    "eta with euler": (["--pgd", "--eta", "0.3"], "--eta applies to the ddim solver"),
+    "eta below zero": (["--pgd", "--solver", "ddim", "--eta", "-0.1"], "eta must be in [0, 1]"),
+    "unknown precision": (["--pgd", "--precision", "int8"], "unknown precision"),
 }
 
 

@@ -60,3 +60,23 @@ def test_channels_last_keeps_the_function_and_is_off_by_default_on_cpu():
     precision.prepare(net, channels_last=True)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     assert torch.allclose(net(x), ref, atol=1e-6)
+
+
+def test_channels_last_runs_the_published_architectures():
+    """The ADM UNets and NCSN++ (tiny, random) give the same output with channels_last weights
+    (what prepare() does on CUDA): no view of a conv output depends on the NCHW layout."""
+    import test_ncsnpp  # the tests' own tiny models (pytest puts tests/ on the path)
+    from test_adm import fixed_input, randomized, tiny_config
+
+    from sdepure.models.adm import ADMUNet
+    from sdepure.models.ncsnpp import NCSNpp
+
+    nets = [randomized(ADMUNet(**tiny_config(p))) for p in ("guided-256-uncond", "improved-cifar10-uncond")]
+    nets.append(test_ncsnpp._randomize(NCSNpp(**test_ncsnpp.TINY), seed=1).eval())
+    for net in nets:
+        x, t = fixed_input()
+        with torch.no_grad():
+            ref = net(x, t)
+            precision.prepare(net, channels_last=True)
+            out = net(x, t)
+        assert torch.allclose(out, ref, atol=1e-5), type(net).__name__

@@ -84,3 +84,22 @@ def test_bad_parameters():
             smooth.certify(torch.zeros(2), **args)
     with pytest.raises(SdepureError):
         Smooth(bernoulli_base(1.0), 10, 0.0)
+
+
+def test_smoothing_noise_streams():
+    """rng="cpu" noise is the CPU stream drawn as before (generator seeded derive_seed(seed, b, 0));
+    rng="device" on the CPU is the same stream; an unknown rng is refused."""
+    seen = {}
+
+    def base(noisy, seed):
+        seen.setdefault("x", []).append(noisy.clone())
+        return torch.zeros(noisy.shape[0], dtype=torch.long)
+
+    x = torch.zeros(3)
+    for rng in ("cpu", "device"):
+        seen.clear()
+        Smooth(base, 4, 0.5, rng=rng).sample_counts(x, 5, 5, seed=7)
+        expected = 0.5 * torch.randn((5, 3), generator=torch.Generator().manual_seed(derive_seed(7, 0, 0)))
+        assert torch.equal(seen["x"][0], expected)
+    with pytest.raises(SdepureError, match="rng"):
+        Smooth(base, 4, 0.5, rng="tpu")

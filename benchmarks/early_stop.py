@@ -1,0 +1,110 @@
+"""Network calls saved by DensePure's early-stopped vote, with the certify rows it must leave unchanged.
+
+For each K, certifies the same digits test images twice (full vote, early-stopped vote) with the
+default settings (sigma 0.5, 10 Euler steps, N0=32, N=400, alpha=0.001, batch 250, seed 0) and
+counts score-network and classifier evaluations (rows fed to each network). Prints one JSON
+object, then a markdown table.
+
+    python benchmarks/early_stop.py [--votes 10,40 --skip 4 --stop 359 --n0 32 --n 400]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from sdepure import purify
+from sdepure.classifiers import build_classifier
+from sdepure.config import load_config
+from sdepure.data import load_dataset
+from sdepure.models import build_score_model
+from sdepure.smoothing import Smooth, certify_images
+
+
+class Counter:
+    """Rows and calls seen by a module (a forward pre-hook)."""
+
+    def __init__(self, module):
+        self.rows = self.calls = 0
+        module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.rows += args[0].shape[0]
+        self.calls += 1
+
+    def take(self):
+        out = (self.rows, self.calls)
+        self.rows = self.calls = 0
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="digits")
+    ap.add_argument("--votes", default="10,40")
+    ap.add_argument("--sigma", type=float, default=0.5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--solver", default="euler")
+    ap.add_argument("--n0", type=int, default=32)
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--alpha", type=float, default=0.001)
+    ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--stop", type=int, default=None)
+    ap.add_argument("--skip", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = load_config(args.config)
+    model = build_score_model(cfg["model"])
+    classifier = build_classifier(cfg["classifier"], False, None)
+    x, y, num_classes = load_dataset(cfg["data"])
+    stop = len(x) if args.stop is None else min(args.stop, len(x))
+    indices = list(range(args.start, stop, args.skip))
+    net_count, cls_count = Counter(model.net), Counter(classifier)
+    t_star = purify.t_star_for(model.schedule, args.sigma, "densepure")
+    results = []
+    for votes in [int(v) for v in args.votes.split(",")]:
+        entry = {"votes": votes}
+        rows = {}
+        for early_stop in (False, True):
+            base = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, args.steps, args.solver),
+                                             classifier, num_classes, votes, early_stop=early_stop)
+            smooth = Smooth(base.predict, num_classes, args.sigma)
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = certify_images(smooth, x, y, indices, args.n0, args.n, args.alpha, args.batch, args.seed)
+            seconds = time.perf_counter() - start
+            (net_rows, net_calls), (cls_rows, _) = net_count.take(), cls_count.take()
+            rows[early_stop] = out
+            draws = len(indices) * (args.n0 + args.n)
+            entry["early" if early_stop else "full"] = {
+                "network_rows": net_rows, "network_calls": net_calls, "classifier_rows": cls_rows,
+                "runs_per_draw": cls_rows / draws, "seconds": seconds, "seconds_per_image": seconds / len(indices)}
+        strip = [[{k: v for k, v in r.items() if k != "time"} for r in rows[e]] for e in (False, True)]
+        entry["differing_rows"] = [a["idx"] for a, b in zip(*strip) if a != b]
+        entry["tsv_identical"] = strip[0] == strip[1]
+        entry["network_call_saving"] = entry["full"]["network_rows"] / entry["early"]["network_rows"]
+        entry["time_saving"] = entry["full"]["seconds"] / entry["early"]["seconds"]
+        entry["certified_accuracy_r0"] = sum(r["correct"] for r in rows[True]) / len(indices)
+        results.append(entry)
+
+    print(json.dumps({"benchmark": "early_stop", "images": len(indices), "settings": vars(args),
+                      "t_star": t_star, "torch_threads": torch.get_num_threads(), "results": results}, indent=1))
+    print()
+    print("| K | network rows, full vote | early stop | fewer network calls | runs per draw | "
+          "s / image full | early | certify.tsv identical |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for e in results:
+        print(f"| {e['votes']} | {e['full']['network_rows']:,} | {e['early']['network_rows']:,} | "
+              f"{e['network_call_saving']:.2f}x | {e['early']['runs_per_draw']:.2f} of {e['votes']} | "
+              f"{e['full']['seconds_per_image']:.2f} | {e['early']['seconds_per_image']:.2f} | "
+              f"{'yes' if e['tsv_identical'] else 'NO: ' + str(e['differing_rows'])} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""Run directories of `sdepure certify`: the record written at start, resuming, shards, merging.
+
+A run directory holds
+  run.json      written atomically before the first image: the settings that decide every row,
+                the config's model/classifier/data tables, the shard and the images it covers
+  certify.tsv   Cohen's rows (idx label predict radius correct time), one line per image,
+                appended and flushed as each image finishes
+  summary.json, certified_accuracy.png   written only once every image is done.
+A run under torchrun with W processes holds no rows itself: rank r writes the shard directory
+shard-r-of-W/ inside it (a run directory of its own) and rank 0 merges them at the end.
+
+A row depends only on (settings, image index) (each image's randomness is addressed by
+derive_seed(seed, idx)), so rows may be produced by any shard, process or resumed run and merged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SdepureError
+from .report import TSV_HEADER
+from .smoothing import format_row
+
+RUN_FILE = "run.json"
+TSV_FILE = "certify.tsv"
+FORMAT = "sdepure-certify-run"
+VERSION = 1
+CONFIG_TABLES = ("model", "classifier", "data")  # the config tables that decide a row
+# what must agree to resume a run (all of them) or to merge shards (all but shard and images)
+RESUME_KEYS = ("world_size", "shard", "settings", "config", "images")
+MERGE_KEYS = ("settings", "config")
+
+
+# -- shards ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard i of n: every n-th selected image, starting at the i-th (0-based)."""
+    index: int
+    count: int
+
+    def select(self, indices) -> list[int]:
+        return list(indices)[self.index::self.count]
+
+    @property
+    def dirname(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "count": self.count}
+
+
+def parse_shard(text: str) -> Shard:
+    """'i/n' with integers 0 <= i < n."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match:
+        raise SdepureError(f"--shard must be i/n with integers 0 <= i < n (such as 0/4), got {text!r}")
+    i, n = int(match.group(1)), int(match.group(2))
+    if n < 1:
+        raise SdepureError(f"--shard {text}: the number of shards must be >= 1")
+    if i >= n:
+        raise SdepureError(f"--shard {text}: shard index must be < {n} (shards are numbered 0 to {n - 1})")
+    return Shard(i, n)
+
+
+def shard_dirs(run_dir: Path, world_size: int) -> list[Path]:
+    """The per-rank shard directories of a run made by `world_size` processes."""
+    return [Path(run_dir) / Shard(r, world_size).dirname for r in range(world_size)]
+
+
+# -- the record --------------------------------------------------------------------------------
+
+def _canonical(obj):
+    """As it reads back from JSON (tuples become lists, keys strings), for exact comparison."""
+    return json.loads(json.dumps(obj))
+
+
+def make_record(settings: dict, cfg: dict, images: list[int], shard: Shard | None = None,
+                world_size: int = 1, **info) -> dict:
+    """The run record. `settings`: the validated settings as a dict; `cfg`: the loaded config
+    (only its model/classifier/data tables are compared); `info`: anything else worth keeping
+    (device, t_star, ...), never compared."""
+    return _canonical({
+        "format": FORMAT, "version": VERSION, "settings": settings,
+        "config": {k: cfg.get(k, {}) for k in CONFIG_TABLES},
+        "config_name": cfg.get("name"), "config_source": cfg.get("source"),
+        "shard": shard.to_dict() if shard else None, "world_size": int(world_size),
+        "images": [int(i) for i in images], **info})
+
+
+def record_shard(record: dict) -> Shard | None:
+    s = record.get("shard")
+    return Shard(int(s["index"]), int(s["count"])) if s else None
+
+
+def config_from_record(record: dict) -> dict:
+    """A config equal to the one the run was started with: its model/classifier/data tables and
+    the run's settings as [method] and [certify] tables (to resume without repeating flags)."""
+    s = record["settings"]
+    p = s["purifier"]
+    method = {"name": p["method"], "sigma": p["sigma"], "votes": p["votes"], "steps": p["steps"],
+              "solver": p["solver"]}
+    if p.get("t_rule") is not None:
+        method["t_rule"] = p["t_rule"]
+    for key in ("eta", "precision"):  # absent from records written before they existed
+        if key in p:
+            method[key] = p[key]
+    certify = {k: s[k] for k in ("n0", "n", "alpha", "batch", "start", "stop", "skip") if s.get(k) is not None}
+    return {"name": record.get("config_name") or "run", "source": record.get("config_source") or "",
+            **json.loads(json.dumps(record["config"])), "method": method, "certify": certify}
+
+
+def write_record(run_dir: Path, record: dict) -> None:
+    """run.json, atomically (a kill leaves either no record or a whole one)."""
+    path = Path(run_dir) / RUN_FILE
+    tmp = path.with_name(RUN_FILE + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(record, fh, indent=1)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_record(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise SdepureError(f"{run_dir} does not exist; it is not a run directory")
+    if not run_dir.is_dir():
+        raise SdepureError(f"{run_dir} is not a directory, so not a run directory")
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        raise SdepureError(f"{run_dir} is not a sdepure certify run (it has no {RUN_FILE}); nothing was changed")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SdepureError(f"{path} is unreadable or not JSON ({e}); not a sdepure certify run") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise SdepureError(f"{path} is not a sdepure certify run record")
+    if record.get("version") != VERSION:
+        raise SdepureError(f"{path} has run-record version {record.get('version')}; "
+                           f"this sdepure reads version {VERSION}")
+    return record
+
+
+def _diff(a, b, name: str, out: list) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            _diff(a.get(k, "<unset>"), b.get(k, "<unset>"), f"{name}.{k}", out)
+    elif a != b:
+        out.append((name, a, b))
+
+
+def differences(a: dict, b: dict, keys) -> list[tuple[str, object, object]]:
+    """(dotted name, value in a, value in b) for every setting under `keys` that differs."""
+    out: list = []
+    for key in keys:
+        _diff(_canonical(a.get(key)), _canonical(b.get(key)), key, out)
+    return out
+
+
+def _show(name: str, value) -> str:
+    if name == "images" and isinstance(value, list):
+        return f"{len(value)} images" + (f" from {value[0]} to {value[-1]}" if value else "")
+    return json.dumps(value)
+
+
+def _setting_name(name: str) -> str:
+    return name.removeprefix("settings.")
+
+
+def check_world_size(run_dir: Path, recorded: dict, world_size: int) -> None:
+    """A run started by W processes (its shard files are shard-r-of-W) resumes with W processes."""
+    old = recorded.get("world_size")
+    if old != world_size:
+        files = f"its shard files are for {old} processes" if old != 1 else "it has no per-process shard files"
+        raise SdepureError(f"cannot resume {run_dir}: it was started by {old} process(es) ({files}); this run has "
+                           f"WORLD_SIZE={world_size}: resume it with {old} process(es); nothing was changed")
+
+
+def check_resumable(run_dir: Path, recorded: dict, current: dict) -> None:
+    """Refuse to resume with anything that changes a row; names the first differing setting."""
+    check_world_size(run_dir, recorded, current["world_size"])
+    diff = differences(recorded, current, RESUME_KEYS)
+    if not diff:
+        return
+    name, old, new = diff[0]
+    more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+    raise SdepureError(f"cannot resume {run_dir}: setting {_setting_name(name)} differs: the run has "
+                       f"{_show(name, old)}, this command {_show(name, new)}{more}; nothing was changed")
+
+
+# -- certify.tsv --------------------------------------------------------------------------------
+
+def _parse_row(line: bytes) -> dict | None:
+    try:
+        fields = line.decode("utf-8").split("\t")
+        if len(fields) != 6:
+            return None
+        row = {"idx": int(fields[0]), "label": int(fields[1]), "predict": int(fields[2]),
+               "radius": float(fields[3]), "correct": int(fields[4]), "time": float(fields[5])}
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return row if row["correct"] in (0, 1) and row["idx"] >= 0 else None
+
+
+def read_rows(path: Path) -> tuple[list[dict], int, bool]:
+    """The complete rows of a certify.tsv, the number of bytes they take (header included), and
+    whether a torn last line (no trailing newline, or an unparsable last line) follows them.
+    A missing file or a torn header reads as no rows. Any other malformed line is an error."""
+    path = Path(path)
+    data = path.read_bytes() if path.exists() else b""
+    head = (TSV_HEADER + "\n").encode()
+    if not data.startswith(head):
+        if head.startswith(data):
+            return [], 0, bool(data)
+        raise SdepureError(f"{path} does not start with the header of a certify.tsv; not a run's table")
+    lines = data[len(head):].split(b"\n")
+    tail = lines.pop()  # what follows the last newline: empty unless the last line is torn
+    rows, pos = [], len(head)
+    for k, line in enumerate(lines):
+        row = _parse_row(line)
+        if row is None:
+            if k == len(lines) - 1 and not tail:
+                return rows, pos, True
+            raise SdepureError(f"{path}: line {k + 2} is malformed ({line[:60]!r}); "
+                               f"only a torn last line can be repaired")
+        rows.append(row)
+        pos += len(line) + 1
+    return rows, pos, bool(tail)
+
+
+def check_rows(path: Path, rows: list[dict], images: list[int]) -> None:
+    allowed, seen = set(images), set()
+    for row in rows:
+        if row["idx"] not in allowed:
+            raise SdepureError(f"{path} has a row for image {row['idx']}, which is not among this run's images")
+        if row["idx"] in seen:
+            raise SdepureError(f"{path} has two rows for image {row['idx']}")
+        seen.add(row["idx"])
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as fh:
+        fh.write(TSV_HEADER + "\n")
+        fh.writelines(format_row(r) for r in rows)
+
+
+# -- starting and resuming --------------------------------------------------------------------
+
+def start(run_dir: Path, record: dict) -> None:
+    """A new run directory (must not exist): run.json, then the header of certify.tsv."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise SdepureError(f"output {run_dir} already exists; choose another --out or --resume it "
+                           f"(nothing was overwritten)") from None
+    except OSError as e:
+        raise SdepureError(f"cannot create output directory {run_dir}: {e.strerror}") from None
+    write_record(run_dir, record)
+    if record["world_size"] == 1:
+        write_rows(run_dir / TSV_FILE, [])
+
+
+def resume(run_dir: Path, record: dict) -> list[dict]:
+    """Check that `run_dir` is a run with exactly the settings in `record`, drop a torn last
+    line of its certify.tsv, and return the rows already done (in file order). Nothing is
+    changed unless every check passes."""
+    run_dir = Path(run_dir)
+    check_resumable(run_dir, load_record(run_dir), record)
+    if record["world_size"] != 1:
+        return []
+    path = run_dir / TSV_FILE
+    rows, good, _ = read_rows(path)
+    check_rows(path, rows, record["images"])
+    size = path.stat().st_size if path.exists() else -1
+    if good == 0:
+        write_rows(path, [])
+    elif size != good:
+        os.truncate(path, good)
+    return rows
+
+
+def pending(record: dict, done: list[dict]) -> list[int]:
+    """The record's images without a row yet, in the record's order."""
+    have = {r["idx"] for r in done}
+    return [i for i in record["images"] if i not in have]
+
+
+def load_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run directory, checked against its record."""
+    run_dir = Path(run_dir)
+    record = load_record(run_dir)
+    rows, _, _ = read_rows(run_dir / TSV_FILE)
+    check_rows(run_dir / TSV_FILE, rows, record["images"])
+    return rows
+
+
+# -- merging shards ------------------------------------------------------------------------------
+
+def expand(dirs) -> list[Path]:
+    """Run directories to merge: a torchrun run stands for its shard-r-of-W directories."""
+    out = []
+    for d in map(Path, dirs):
+        record = load_record(d)
+        out.extend(shard_dirs(d, record["world_size"]) if record["world_size"] > 1 else [d])
+    return out
+
+
+def collect(dirs) -> tuple[dict, list[dict]]:
+    """Check that `dirs` are all the shards of one run, each finished, and return the record of
+    the whole run (no shard) and all rows sorted by idx. Refuses shards of different runs (naming
+    the differing setting), overlaps, missing shards and unfinished shards."""
+    dirs = expand(dirs)
+    if not dirs:
+        raise SdepureError("nothing to merge: give the shard directories")
+    seen_paths: dict[Path, Path] = {}
+    for d in dirs:
+        key = d.resolve()
+        if key in seen_paths:
+            raise SdepureError(f"{d} is given twice")
+        seen_paths[key] = d
+    records = [load_record(d) for d in dirs]
+    first, base = dirs[0], records[0]
+    for d, rec in zip(dirs[1:], records[1:]):
+        diff = differences(base, rec, MERGE_KEYS)
+        if diff:
+            name, a, b = diff[0]
+            raise SdepureError(f"cannot merge {first} and {d}: they are from different runs: setting "
+                               f"{_setting_name(name)} differs ({_show(name, a)} against {_show(name, b)})")
+    shards = [record_shard(r) for r in records]
+    if any(s is None for s in shards):
+        if len(dirs) > 1:
+            whole = dirs[[s is None for s in shards].index(True)]
+            raise SdepureError(f"cannot merge {whole}: it is a whole run, not a shard")
+    else:
+        counts = sorted({s.count for s in shards})
+        if len(counts) > 1:
+            raise SdepureError(f"cannot merge shards of different splits (into {counts[0]} and {counts[1]} shards)")
+        by_index: dict[int, Path] = {}
+        for d, s in zip(dirs, shards):
+            if s.index in by_index:
+                raise SdepureError(f"shard {s} is given twice ({by_index[s.index]} and {d})")
+            by_index[s.index] = d
+        missing = [f"{i}/{counts[0]}" for i in range(counts[0]) if i not in by_index]
+        if missing:
+            raise SdepureError(f"shard(s) {', '.join(missing)} missing: give all {counts[0]} shards of the run")
+    rows_by_idx: dict[int, Path] = {}
+    rows = []
+    for d, rec in zip(dirs, records):
+        own = load_rows(d)
+        if len(own) < len(rec["images"]):
+            raise SdepureError(f"{d} is unfinished ({len(own)} of {len(rec['images'])} images); "
+                               f"finish it with sdepure certify --resume {d}")
+        for r in own:
+            if r["idx"] in rows_by_idx:
+                raise SdepureError(f"image {r['idx']} appears in both {rows_by_idx[r['idx']]} and {d}")
+            rows_by_idx[r["idx"]] = d
+        rows.extend(own)
+    rows.sort(key=lambda r: r["idx"])
+    images = sorted(i for rec in records for i in rec["images"])
+    for s, rec in zip(shards, records):
+        if s is not None and s.select(images) != sorted(rec["images"]):
+            raise SdepureError(f"shard {s} does not hold every {s.count}-th image of the merged selection")
+    merged = {**base, "shard": None, "world_size": 1, "images": images}
+    return merged, rows
