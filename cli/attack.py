@@ -36,6 +36,8 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--eot", type=int, help="PGD / BPDA: gradient samples per iteration.")
 @click.option("--step-size", help="PGD / BPDA step size, e.g. 2/255.")
 @click.option("--score-draws", type=int, help="Purifications per example when scoring (M).")
+@click.option("--threads", type=int, help="torch threads (default: the config's, else torch's own; the digits "
+              "config uses 1: its small networks lose time to threads waiting for each other).")
 @click.option("--save-adv", is_flag=True, help="Also write the adversarial examples (adversarial.pt).")
 @common_options
 def attack(config_name, kind, save_adv, seed, device, out, allow_pickle, model_weights, classifier_weights,

@@ -6,6 +6,7 @@ command line, benchmarks and notebooks run the same code.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,12 +243,32 @@ def _batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op thread count set to `threads` for the duration (None: left alone), then
+    restored. Small networks gain little from threads and lose much when another job holds a
+    core: the threads spin-wait for each other at every operation."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads is not None:
+            torch.set_num_threads(before)
+
+
 def attack(cfg: dict, settings: Attack, device, out: Path | None = None, allow_pickle: bool = False,
            components: Components | None = None, save_adv: bool = False, echo: Echo = _quiet,
            progress: Callable[[int], None] | None = None) -> dict:
     """Run the attack on the selected examples and score the defense over `score_draws`
-    purifications. With `out`: summary.json, examples.tsv (and adversarial.pt with save_adv).
-    Returns the summary."""
+    purifications, on `settings.threads` torch threads. With `out`: summary.json, examples.tsv
+    (and adversarial.pt with save_adv). Returns the summary."""
+    with torch_threads(settings.threads):
+        return _attack(cfg, settings, device, out, allow_pickle, components, save_adv, echo, progress)
+
+
+def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_adv, echo, progress) -> dict:
     t0 = time.time()
     device = torch.device(device)
     s, p = settings, settings.purifier
@@ -260,7 +281,7 @@ def attack(cfg: dict, settings: Attack, device, out: Path | None = None, allow_p
     what = {"autoattack": f"AutoAttack {s.version}", "pgd": "PGD-EOT", "bpda": "BPDA+EOT"}[s.kind]
     echo(f"sdepure attack: {what} {s.norm} eps={s.eps:.4g} on {p.method} ({cfg['name']}, {len(idx)} examples "
          f"from {s.start}), t*={p.t_star}, {p.steps} {p.solver} steps, grad={p.grad}"
-         + (f", votes K={p.votes}" if p.votes > 1 else ""))
+         + (f", votes K={p.votes}" if p.votes > 1 else "") + f", {torch.get_num_threads()} torch thread(s)")
     if s.kind != "autoattack":
         echo(f"  {s.pgd_steps} steps of {s.step_size:.4g}, {s.eot} EOT samples")
     if out is not None:

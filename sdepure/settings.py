@@ -199,10 +199,13 @@ class Attack:
     eot: int | None = None
     step_size: float | None = None
     seed: int = 0
+    threads: int | None = None  # torch threads while the attack runs; None: torch's default
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
         _choice("attack", self.kind, ATTACK_KINDS)
+        if self.threads is not None:
+            set_("threads", as_int("threads", self.threads, 1))
         _choice("norm", self.norm, NORMS)
         _choice("AutoAttack version", self.version, AA_VERSIONS)
         set_("eps", as_float("eps", self.eps))
