@@ -9,6 +9,13 @@
     batch 250) against its NFE floor: the score-network and classifier forward passes CERTIFY
     made (recorded by forward hooks, so an early-stopped vote's smaller chunks are replayed as
     they ran), on pre-made inputs of the same shapes, nothing else.
+(c) One input gradient of the digits attack default (16 examples, 8 Euler steps, exact
+    gradients) with and without recomputation, on 1 and 2 threads, against the same network and
+    classifier forward and backward passes alone.
+
+For SDE methods (a) also splits the gap: `sde_loop` steps solve()'s own drift, diffusion and
+Brownian motion with a plain loop, so solve - sde_loop is torchsde's machinery and
+sde_loop - floor sdepure's per-step work outside the network.
 
 Each figure is the minimum over --repeats runs, the two sides of a ratio alternating in the same
 process. Prints one JSON object on stdout and writes a markdown table (--md).
@@ -22,6 +29,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -36,9 +44,10 @@ from sdepure.purify import build, t_star_for
 from sdepure.rng import derive_seed
 from sdepure.settings import Purifier
 from sdepure.schedules import LinearVP
-from sdepure.sde import time_grid
+from sdepure.brownian import GridBrownian
+from sdepure.sde import ReverseVPSDE, time_grid
 from sdepure.smoothing import Smooth
-from sdepure.solvers import ddpm_times, solve
+from sdepure.solvers import EXACT_GRAPH_BUDGET, SDE_METHODS, ddpm_times, solve
 
 METHODS = ("euler", "ddpm", "ode-euler", "heun")
 TARGETS = {"digits": 1.05, "tiny": 1.5, "certify": 1.10}
@@ -99,6 +108,24 @@ def floor_solve(model: EpsNetModel, x: torch.Tensor, t_star: float, steps: int, 
     return x
 
 
+def sde_loop(model: EpsNetModel, x: torch.Tensor, t_star: float, steps: int, seed: int, method: str):
+    """solve()'s own drift, diffusion and Brownian motion (ReverseVPSDE, GridBrownian) stepped by
+    a plain loop instead of torchsde: solve - sde_loop is torchsde's machinery, sde_loop - floor
+    sdepure's coefficient and model-adapter work."""
+    sde = ReverseVPSDE(model, time_grid(t_star, 0.0, steps), x.shape, sde_type=SDE_METHODS[method])
+    y = x.reshape(x.shape[0], -1)
+    bm = GridBrownian(seed, y.shape, dtype=y.dtype, device=y.device)
+    for k in range(steps):
+        dw = bm(k, k + 1)
+        f, g = sde.f(k, y), sde.g(k, y) * dw
+        if method == "euler":
+            y = y + f + g
+        else:  # heun, as torchsde steps it
+            yp = y + f + g
+            y = y + (f + sde.f(k + 1, yp) + g + sde.g(k + 1, yp) * dw) * 0.5
+    return y.reshape(x.shape)
+
+
 def nfe(method: str, steps: int) -> int:
     return 2 * steps if method == "heun" else steps
 
@@ -128,6 +155,15 @@ def _figures(times: dict, name: str) -> dict:
     (w_a, w_b), (c_a, c_b) = times["wall"], times["cpu"]
     return {f"{name}_s": w_a, "floor_s": w_b, "ratio": w_a / w_b,
             f"{name}_cpu_s": c_a, "floor_cpu_s": c_b, "cpu_ratio": c_a / c_b}
+
+
+def _split(model, xt, t_star, steps, seed, method, reps, times) -> dict:
+    """CPU seconds of the gap made of torchsde's machinery and of sdepure's SDE/adapter work."""
+    loop = compare(lambda: sde_loop(model, xt, t_star, steps, seed, method),
+                   lambda: solve(model, xt, t_star, steps, seed, method), reps)
+    loop_cpu = loop["cpu"][0]
+    return {"sde_loop_cpu_s": loop_cpu, "gap_torchsde_cpu_s": times["cpu"][0] - loop_cpu,
+            "gap_sdepure_cpu_s": loop_cpu - times["cpu"][1]}
 
 
 def tiny_model() -> EpsNetModel:
@@ -166,9 +202,10 @@ def solve_rows(cfg: dict, repeats: int, methods, tiny_rows, with_digits: bool = 
             rows.append({"model": name, "rows": n, "steps": steps, "method": method, "nfe": nfe(method, steps),
                          "repeats": reps,
                          **_figures(times, "solve"),
+                         **(_split(model, xt, t_star, steps, seed, method, reps, times) if method in SDE_METHODS else {}),
                          "target": TARGETS[name], "network_calls": [calls_solve, calls_floor],
                          "max_abs_diff": float((ref - fl).abs().max())})
-            print(json.dumps(rows[-1]), file=__import__("sys").stderr)
+            print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
 
@@ -228,6 +265,51 @@ def certify_row(cfg: dict, repeats: int) -> dict:
             **_figures(times, "certify"), "target": TARGETS["certify"]}
 
 
+def attack_rows(cfg: dict, repeats: int) -> list[dict]:
+    """One input gradient of the digits attack default (AttackedModel, 16 examples, exact
+    gradients) with and without recomputation, on 1 and 2 threads, against its floor: the same
+    network forward and backward passes and the classifier's, nothing else."""
+    from torch import nn
+
+    from sdepure.attacks import AttackedModel
+    from sdepure.settings import attack_from_config
+
+    settings = attack_from_config(cfg, "autoattack", {})
+    p = settings.purifier
+    model = build_score_model(cfg["model"])
+    classifier = build_classifier(cfg["classifier"], num_classes=10)
+    x, y = load_digits("test")
+    x, y = x[:settings.batch], y[:settings.batch]
+    target = AttackedModel(p, classifier, 10, model)
+    net = model.net
+    t_vec = torch.full((x.shape[0],), 0.1)
+
+    def gradient():
+        xg = x.clone().requires_grad_(True)
+        return torch.autograd.grad(nn.functional.cross_entropy(target(xg), y), xg)[0]
+
+    def floor():
+        xg = x.clone().requires_grad_(True)
+        h = xg
+        for _ in range(p.steps):
+            h = h + 0.01 * net(h, t_vec)
+        return torch.autograd.grad(nn.functional.cross_entropy(classifier(h), y), xg)[0]
+
+    rows = []
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for recompute in (True, False):
+            target.purifier.graph_budget = 0 if recompute else EXACT_GRAPH_BUDGET
+            times = compare(gradient, floor, repeats)
+            rows.append({"what": f"attack gradient: {p.method} t*={p.t_star}, {p.steps} {p.solver} steps, "
+                                 f"{x.shape[0]} examples", "threads": threads, "recompute": recompute,
+                         **_figures(times, "gradient")})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    torch.set_num_threads(before)
+    return rows
+
+
 def markdown(result: dict) -> str:
     lines = [f"Overhead over the network-call floor (min of {result['repeats']} repeats, "
              f"{result['threads']} torch thread(s); {result['note']})", "",
@@ -243,6 +325,12 @@ def markdown(result: dict) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- |",
                   f"| {c['what']} | {c['network_calls']} + {c['classifier_calls']} | {c['certify_s']:.3f} | "
                   f"{c['floor_s']:.3f} | {c['ratio']:.3f} | {c['cpu_ratio']:.3f} | <= {c['target']} |"]
+    if result.get("attack"):
+        lines += ["", "| attack gradient | threads | recompute | gradient (s) | floor (s) | ratio | CPU (s) | CPU ratio |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for a in result["attack"]:
+            lines.append(f"| {a['what']} | {a['threads']} | {a['recompute']} | {a['gradient_s']:.4f} | "
+                         f"{a['floor_s']:.4f} | {a['ratio']:.3f} | {a['gradient_cpu_s']:.4f} | {a['cpu_ratio']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -253,7 +341,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--tiny-rows", default="2500,16", help="rows of the tiny-MLP solves (comma-separated)")
     ap.add_argument("--skip-digits", action="store_true", help="only the tiny-MLP solves in (a)")
-    ap.add_argument("--parts", default="solve,certify")
+    ap.add_argument("--parts", default="solve,certify,attack")
     ap.add_argument("--md", default=os.path.join(os.path.dirname(__file__), "overhead.md"),
                     help="markdown table to write ('' for none)")
     args = ap.parse_args()
@@ -269,6 +357,8 @@ def main() -> None:
                                      [int(r) for r in args.tiny_rows.split(",") if r], not args.skip_digits)
     if "certify" in parts:
         result["certify"] = certify_row(cfg, args.repeats)
+    if "attack" in parts:
+        result["attack"] = attack_rows(cfg, 5 * args.repeats)
     result.setdefault("solve", [])
     result["loadavg_after"] = os.getloadavg()
     print(json.dumps(result, indent=1))
