@@ -139,31 +139,30 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def compare(a, b, repeats: int) -> dict:
-    """Minimum wall and CPU time over repeats of each side, alternating a and b (after one
-    warm-up of each): {"wall": (a, b), "cpu": (a, b)}."""
-    a(), b()
-    ta, tb = [], []
+def compare(*fns, repeats: int) -> dict:
+    """Minimum wall and CPU time over repeats of each function, taking turns (after one warm-up
+    of each), so that all see the same machine: {"wall": (a, b, ...), "cpu": (a, b, ...)}."""
+    for fn in fns:
+        fn()
+    runs = [[] for _ in fns]
     for _ in range(repeats):
-        ta.append(timed(a))
-        tb.append(timed(b))
-    return {"wall": (min(t[0] for t in ta), min(t[0] for t in tb)),
-            "cpu": (min(t[1] for t in ta), min(t[1] for t in tb))}
+        for fn, times in zip(fns, runs):
+            times.append(timed(fn))
+    return {"wall": tuple(min(t[0] for t in times) for times in runs),
+            "cpu": tuple(min(t[1] for t in times) for times in runs)}
 
 
 def _figures(times: dict, name: str) -> dict:
-    (w_a, w_b), (c_a, c_b) = times["wall"], times["cpu"]
+    (w_a, w_b), (c_a, c_b) = times["wall"][:2], times["cpu"][:2]
     return {f"{name}_s": w_a, "floor_s": w_b, "ratio": w_a / w_b,
             f"{name}_cpu_s": c_a, "floor_cpu_s": c_b, "cpu_ratio": c_a / c_b}
 
 
-def _split(model, xt, t_star, steps, seed, method, reps, times) -> dict:
+def _split(times: dict) -> dict:
     """CPU seconds of the gap made of torchsde's machinery and of sdepure's SDE/adapter work."""
-    loop = compare(lambda: sde_loop(model, xt, t_star, steps, seed, method),
-                   lambda: solve(model, xt, t_star, steps, seed, method), reps)
-    loop_cpu = loop["cpu"][0]
-    return {"sde_loop_cpu_s": loop_cpu, "gap_torchsde_cpu_s": times["cpu"][0] - loop_cpu,
-            "gap_sdepure_cpu_s": loop_cpu - times["cpu"][1]}
+    solve_cpu, floor_cpu, loop_cpu = times["cpu"]
+    return {"sde_loop_cpu_s": loop_cpu, "gap_torchsde_cpu_s": solve_cpu - loop_cpu,
+            "gap_sdepure_cpu_s": loop_cpu - floor_cpu}
 
 
 def tiny_model() -> EpsNetModel:
@@ -197,12 +196,15 @@ def solve_rows(cfg: dict, repeats: int, methods, tiny_rows, with_digits: bool = 
                 log.close()
                 # millisecond solves: more repeats, so that some run between the other jobs' time slices
                 reps = repeats if name == "digits" else 10 * repeats
-                times = compare(lambda: solve(model, xt, t_star, steps, seed, method),
-                                lambda: floor_solve(model, xt, t_star, steps, seed, method), reps)
+                fns = [lambda: solve(model, xt, t_star, steps, seed, method),
+                       lambda: floor_solve(model, xt, t_star, steps, seed, method)]
+                if method in SDE_METHODS:
+                    fns.append(lambda: sde_loop(model, xt, t_star, steps, seed, method))
+                times = compare(*fns, repeats=reps)
             rows.append({"model": name, "rows": n, "steps": steps, "method": method, "nfe": nfe(method, steps),
                          "repeats": reps,
                          **_figures(times, "solve"),
-                         **(_split(model, xt, t_star, steps, seed, method, reps, times) if method in SDE_METHODS else {}),
+                         **(_split(times) if method in SDE_METHODS else {}),
                          "target": TARGETS[name], "network_calls": [calls_solve, calls_floor],
                          "max_abs_diff": float((ref - fl).abs().max())})
             print(json.dumps(rows[-1]), file=sys.stderr)
@@ -256,7 +258,7 @@ def certify_row(cfg: dict, repeats: int) -> dict:
             module(*args)
 
     with torch.no_grad():
-        times = compare(run, floor, repeats)
+        times = compare(run, floor, repeats=repeats)
     net_rows = [shapes[0][0] for name, shapes in log.calls if name == "net"]
     return {"what": f"CERTIFY one image: {m['name']} K={votes}, {steps} {solver} steps, n0={n0}, n={n}, batch {batch}",
             "prediction": result[0], "radius": result[1],
@@ -301,7 +303,7 @@ def attack_rows(cfg: dict, repeats: int) -> list[dict]:
         torch.set_num_threads(threads)
         for recompute in (True, False):
             target.purifier.graph_budget = 0 if recompute else EXACT_GRAPH_BUDGET
-            times = compare(gradient, floor, repeats)
+            times = compare(gradient, floor, repeats=repeats)
             rows.append({"what": f"attack gradient: {p.method} t*={p.t_star}, {p.steps} {p.solver} steps, "
                                  f"{x.shape[0]} examples", "threads": threads, "recompute": recompute,
                          **_figures(times, "gradient")})
@@ -313,12 +315,15 @@ def attack_rows(cfg: dict, repeats: int) -> list[dict]:
 def markdown(result: dict) -> str:
     lines = [f"Overhead over the network-call floor (min of {result['repeats']} repeats, "
              f"{result['threads']} torch thread(s); {result['note']})", "",
-             "| model | rows x steps | method | NFE | solve (s) | floor (s) | ratio | CPU ratio | target |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | rows x steps | method | NFE | solve (s) | floor (s) | ratio | CPU ratio | target | "
+             "CPU gap: torchsde / sdepure (ms) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["solve"]:
+        split = (f"{1e3 * r['gap_torchsde_cpu_s']:.2f} / {1e3 * r['gap_sdepure_cpu_s']:.2f}"
+                 if "gap_torchsde_cpu_s" in r else "")
         lines.append(f"| {r['model']} | {r['rows']} x {r['steps']} | {r['method']} | {r['nfe']} | "
                      f"{r['solve_s']:.4f} | {r['floor_s']:.4f} | {r['ratio']:.3f} | {r['cpu_ratio']:.3f} | "
-                     f"<= {r['target']} |")
+                     f"<= {r['target']} | {split} |")
     c = result.get("certify")
     if c:
         lines += ["", "| CERTIFY | network + classifier calls | certify (s) | floor (s) | ratio | CPU ratio | target |",
