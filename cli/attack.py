@@ -1,4 +1,5 @@
-"""`sdepure attack`: adaptive attacks (AutoAttack, PGD-EOT, BPDA+EOT) on a purified classifier."""
+"""`sdepure attack`: adaptive attacks (AutoAttack, PGD-EOT, BPDA+EOT, DiffAttack) on a purified
+classifier, with fresh or fixed randomness."""
 from __future__ import annotations
 
 import click
@@ -17,6 +18,9 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--autoattack", "kind", flag_value="autoattack", help="AutoAttack (official code, pyautoattack).")
 @click.option("--pgd", "kind", flag_value="pgd", help="PGD with EOT (200 steps, 20 EOT, step 0.007).")
 @click.option("--bpda", "kind", flag_value="bpda", help="BPDA+EOT (50 steps, 15 EOT, step 2/255).")
+@click.option("--diffattack", "kind", flag_value="diffattack",
+              help="DiffAttack (Kang et al. 2023): APGD on CE then DLR plus the deviated-reconstruction loss on "
+                   "every reverse-process state (100 iterations per round, 20 EOT); diffpure/densepure only.")
 @click.option("--method", help=f"One of {', '.join(METHODS)}.")
 @click.option("--grad", help=f"Gradient through the purifier: {', '.join(GRAD_MODES)}.")
 @click.option("--adjoint-method", help="torchsde adjoint scheme (default: the forward method's own).")
@@ -32,8 +36,14 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--votes", type=int, help="DensePure: K purifications per prediction.")
 @click.option("--eta", type=float, help="ddim solver: noise level in [0, 1] (0: deterministic).")
 @click.option("--precision", help=f"Network arithmetic: {', '.join(PRECISIONS)} (autocast; fp32 default).")
-@click.option("--pgd-steps", type=int, help="PGD / BPDA iterations.")
-@click.option("--eot", type=int, help="PGD / BPDA: gradient samples per iteration.")
+@click.option("--pgd-steps", type=int, help="Iterations (PGD / BPDA; per round for DiffAttack; APGD's for AutoAttack).")
+@click.option("--eot", type=int, help="Gradient samples (EOT draws) per iteration; expected loss over them.")
+@click.option("--eot-batch", type=int,
+              help="EOT draws evaluated together as one batch of rows (default: all of them; lower it to save memory).")
+@click.option("--dev-weight", help="DiffAttack: weight lambda of the deviated-reconstruction loss (default 1).")
+@click.option("--fixed-randomness", is_flag=True, default=None,
+              help="Deterministic white-box (Liu et al. 2025): each example's noise and Brownian path fixed and "
+                   "known to the attacker; attack and score with them (and also under fresh draws).")
 @click.option("--step-size", help="PGD / BPDA step size, e.g. 2/255.")
 @click.option("--score-draws", type=int, help="Purifications per example when scoring (M).")
 @click.option("--threads", type=int, help="torch threads (default: the config's, else torch's own; the digits "
@@ -45,22 +55,34 @@ def attack(config_name, kind, save_adv, seed, device, out, allow_pickle, model_w
     """Attack a purified classifier with gradients through the reverse process.
 
     Reports clean and robust accuracy, which attack broke which example, and the defense scored
-    over --score-draws independent purifications (majority vote and worst case). Writes
-    summary.json and examples.tsv to --out."""
+    over --score-draws independent purifications (single draw, majority vote, and any-of-N: broken
+    if any draw is wrong), with one table row per randomness scored. Writes summary.json and
+    examples.tsv to --out."""
     cfg = apply_paths(load_config(config_name), model_weights, classifier_weights, data_root)
     settings = attack_from_config(cfg, kind, {**options, "seed": seed})
     dev = resolve_device(device)
     out = check_out(out or default_out("attack", cfg["name"], settings.purifier.method, kind))
-    steps = settings.pgd_steps * -(-settings.n_examples // settings.batch) if kind != "autoattack" else None
-    with tqdm(total=steps, desc=kind, unit="step", leave=False, disable=steps is None) as bar:
+    rounds = 2 if kind == "diffattack" else 1
+    steps = rounds * settings.pgd_steps * -(-settings.n_examples // settings.batch) if kind != "autoattack" else None
+    bars = []  # opened at the first step, so a refusal before the attack prints one line only
+
+    def progress(n: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=steps, desc=kind, unit="step", leave=False))
+        bars[0].update(n)
+    try:
         s = experiments.attack(cfg, settings, dev, out, allow_pickle, save_adv=save_adv, echo=click.echo,
-                               progress=bar.update)
+                               progress=progress if steps is not None else None)
+    finally:
+        for bar in bars:
+            bar.close()
     click.echo(f"clean accuracy {s['clean_accuracy']:.3f}, robust accuracy {s['robust_accuracy']:.3f} "
                "(single draw, as the attack saw it)")
     click.echo("  after each attack: " + ", ".join(f"{k} {v:.3f}" for k, v in s["accuracy_after_each_attack"].items()))
     clean, adv = s["scored_over_draws"]["clean"], s["scored_over_draws"]["adversarial"]
-    click.echo(f"scored over {adv['draws']} purifications: clean majority {clean['majority']:.3f} / worst "
-               f"{clean['worst']:.3f}; adversarial single {adv['single']:.3f}, majority {adv['majority']:.3f}, "
-               f"worst {adv['worst']:.3f}")
+    click.echo(f"scored over {adv['draws']} purifications: clean majority {clean['majority']:.3f} / any-of-N "
+               f"{clean['any_of_n']:.3f}; adversarial single {adv['single']:.3f}, majority {adv['majority']:.3f}, "
+               f"any-of-N {adv['any_of_n']:.3f}")
+    click.echo(experiments.table_markdown(s["table"]))
     click.echo(f"wrote {out}/summary.json, examples.tsv{', adversarial.pt' if save_adv else ''} "
                f"({s['wall_seconds']:.1f} s)")

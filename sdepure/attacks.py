@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .brownian import Streams
 from .errors import SdepureError
 from .models.base import DiffusionModel
 from .purify import build_purifier, majority_vote, resolve_t_star
@@ -60,17 +61,19 @@ class AttackedModel(nn.Module):
         self.calls += 1
         return derive_seed(self.seed, self.calls)
 
-    def purify(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+    def purify(self, x: torch.Tensor, seed) -> torch.Tensor:
         """One purification of each row of x (in [0, 1]), differentiable per the gradient mode:
-        forward diffusion to t* is x + sigma(t*) z on the [0, 1] scale, then the purifier."""
+        forward diffusion to t* is x + sigma(t*) z on the [0, 1] scale, then the purifier.
+        `seed` addresses the batch (an int) or each row (a tuple: a row's noise and Brownian path
+        then do not depend on the batch it runs in; see sdepure.diffattack.FixedRandomness)."""
         if self.method == "none":
             return x
-        x_noisy = x + self.sigma * randn(x.shape, derive_seed(seed, 0), dtype=x.dtype, device=x.device)
+        x_noisy = x + self.sigma * gaussian(x.shape, sub_seed(seed, 0), x)
         if self.grad == "bpda":
             with torch.no_grad():
-                out = self.purifier(x_noisy, derive_seed(seed, 1))
+                out = self.purifier(x_noisy, *path_address(seed))
             return x + (out - x).detach()
-        return self.purifier(x_noisy, derive_seed(seed, 1))
+        return self.purifier(x_noisy, *path_address(seed))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seed = self.next_seed()
@@ -87,12 +90,39 @@ class AttackedModel(nn.Module):
         return majority_vote(labels, self.num_classes)
 
 
+def sub_seed(seed, *parts: int):
+    """derive_seed for a batch seed (int) or for each row's seed (tuple)."""
+    if isinstance(seed, tuple):
+        return tuple(derive_seed(s, *parts) for s in seed)
+    return derive_seed(seed, *parts)
+
+
+def path_address(seed) -> tuple[int, Streams | None]:
+    """(seed, streams) of the reverse process's Brownian path: a batch seed addresses the batch;
+    row seeds give row r the path of stream derive_seed(seed_r, 1) (width 1), its own whatever
+    batch it runs in."""
+    if isinstance(seed, tuple):
+        return 0, Streams(tuple(derive_seed(s, 1) for s in seed), (0,) * len(seed), 1)
+    return derive_seed(seed, 1), None
+
+
+def gaussian(shape, seed, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal draws for a batch seed (int) or one seed per row (tuple)."""
+    if isinstance(seed, tuple):
+        if len(seed) != shape[0]:
+            raise SdepureError(f"{len(seed)} row seeds for {shape[0]} rows")
+        rows = [randn(tuple(shape[1:]), s, dtype=like.dtype) for s in seed]
+        return torch.stack(rows).to(like.device)
+    return randn(shape, seed, dtype=like.dtype, device=like.device)
+
+
 @torch.no_grad()
 def score_defense(model: AttackedModel, x: torch.Tensor, y: torch.Tensor, draws: int, seed: int,
                   batch: int) -> dict:
     """Classify each input with `draws` independent purifications (each a full defense prediction).
     single: accuracy of the first draw; majority: of the majority label over the draws (ties to
-    the lowest class); worst: share right in every draw (robust only if every draw is right)."""
+    the lowest class); any_of_n: DiffHammer's N-evaluation (Wang et al., NeurIPS 2024), an example
+    is broken if ANY of the N draws is wrong, so this is the share right in all N draws."""
     if draws < 1:
         raise SdepureError(f"draws must be >= 1, got {draws}")
     preds = torch.empty(x.shape[0], draws, dtype=torch.long)
@@ -102,8 +132,9 @@ def score_defense(model: AttackedModel, x: torch.Tensor, y: torch.Tensor, draws:
     right = preds == y.cpu()[:, None]
     maj = majority_vote(preds, model.num_classes) == y.cpu()
     return {"single": float(right[:, 0].double().mean()), "majority": float(maj.double().mean()),
-            "worst": float(right.all(1).double().mean()), "draws": draws,
-            "per_example": {"majority": maj.tolist(), "worst": right.all(1).tolist()}}
+            "any_of_n": float(right.all(1).double().mean()), "draws": draws,
+            "per_example": {"single": right[:, 0].tolist(), "majority": maj.tolist(),
+                            "any_of_n": right.all(1).tolist()}}
 
 
 def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -116,13 +147,15 @@ def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
 
 def pgd_eot(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf",
             steps: int = 200, step_size: float = 0.007, eot: int = 20, seed: int = 0,
-            random_start: bool = True, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """PGD on the cross-entropy with the gradient averaged over `eot` calls of a randomized model
-    (expectation over transformation). Returns adversarial examples in [0, 1] within the eps-ball."""
+            random_start: bool = True, progress: Callable[[int], None] | None = None,
+            eot_batch: int = 1) -> torch.Tensor:
+    """PGD on the cross-entropy with the gradient averaged over `eot` draws of a randomized model
+    (expectation over transformation). `eot_batch` draws run as one batch of rows (eot_gradient).
+    Returns adversarial examples in [0, 1] within the eps-ball."""
     if norm not in NORMS:
         raise SdepureError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
-    if eps < 0 or steps < 1 or eot < 1 or step_size <= 0:
-        raise SdepureError("need eps >= 0, steps >= 1, eot >= 1 and step size > 0")
+    if eps < 0 or steps < 1 or eot < 1 or step_size <= 0 or eot_batch < 1:
+        raise SdepureError("need eps >= 0, steps >= 1, eot >= 1, eot batch >= 1 and step size > 0")
     x = x.detach()
     if random_start:
         u = torch.rand(x.shape, generator=generator(seed), dtype=x.dtype).to(x.device)
@@ -130,11 +163,10 @@ def pgd_eot(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm
     else:
         delta = torch.zeros_like(x)
     delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
+    ce = lambda logits, y: nn.functional.cross_entropy(logits, y, reduction="none")  # noqa: E731
     for _ in range(steps):
-        grad = torch.zeros_like(x)
-        for _ in range(eot):
-            loss = nn.functional.cross_entropy(model(x + delta), y, reduction="sum")
-            grad += torch.autograd.grad(loss, delta)[0]
+        grad = eot_gradient(lambda rows: ce(model(rows), y.repeat(rows.shape[0] // len(y))), x + delta,
+                            eot, eot_batch, wrt=delta)[1]
         with torch.no_grad():
             if norm == "Linf":
                 step = step_size * grad.sign()
@@ -149,16 +181,44 @@ def pgd_eot(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm
     return (x + delta).detach()
 
 
+def eot_gradient(loss_rows: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, draws: int, batch: int,
+                 wrt: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expectation over transformation in batches of rows: draws d = 0..draws-1 of every example
+    run as rows d * B + b, `batch` draws per forward pass; loss_rows maps such rows to one loss per
+    row (each row its own fresh randomness). Returns the per-example mean loss over the draws
+    (detached) and the gradient of the summed per-example means with respect to `wrt`
+    (default x; x must then require no grad itself)."""
+    if wrt is None:
+        wrt = x = x.detach().requires_grad_(True)
+    n = x.shape[0]
+    total = torch.zeros(n, dtype=x.dtype, device=x.device)
+    grad = torch.zeros_like(wrt)
+    for d0 in range(0, draws, batch):
+        k = min(batch, draws - d0)
+        rows = x.repeat(k, *([1] * (x.dim() - 1)))
+        loss = loss_rows(rows)
+        grad += torch.autograd.grad(loss.sum(), wrt)[0]
+        total += loss.detach().reshape(k, n).sum(0)
+    return total / draws, grad / draws
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, version: str,
-               seed: int, batch: int, device) -> tuple[torch.Tensor, dict]:
+               seed: int, batch: int, device, n_iter: int | None = None,
+               eot_iter: int | None = None) -> tuple[torch.Tensor, dict]:
     """The official AutoAttack (PyPI pyautoattack), run attack by attack on the examples still
-    robust, so each broken example is attributed to the attack that broke it."""
+    robust, so each broken example is attributed to the attack that broke it. n_iter, eot_iter:
+    APGD's iterations and EOT draws (None: the version's own, 100 and 20 for rand)."""
     try:
         from pyautoattack import AutoAttack
     except ImportError:
         raise SdepureError("AutoAttack needs the pyautoattack package: pip install pyautoattack") from None
     aa = AutoAttack(model, device=device, eps=eps, norm=norm, seed=seed, version=version)
     aa.verbose = False
+    for apgd in (aa.apgd, aa.apgd_targeted):
+        if n_iter is not None:
+            apgd.n_iter = n_iter
+        if eot_iter is not None:
+            apgd.eot_iter = eot_iter
     order = list(aa.attacks_to_run)
     with torch.no_grad():
         clean = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]) == y

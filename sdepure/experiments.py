@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import attacks, distributed, purify, report, runs
+from . import attacks, diffattack, distributed, purify, report, runs
 from .classifiers import build_classifier
 from .data import load_dataset, take
 from .errors import SdepureError
@@ -258,12 +258,31 @@ def torch_threads(threads: int | None):
             torch.set_num_threads(before)
 
 
+def peak_memory_mb(device) -> float:
+    """Peak memory so far: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak
+    resident set size (it only grows: compare attacks run in separate processes)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+ATTACK_NAMES = {"autoattack": "AutoAttack {version}", "pgd": "PGD-EOT", "bpda": "BPDA+EOT", "diffattack": "DiffAttack"}
+
+
 def attack(cfg: dict, settings: Attack, device, out: Path | None = None, allow_pickle: bool = False,
            components: Components | None = None, save_adv: bool = False, echo: Echo = _quiet,
            progress: Callable[[int], None] | None = None) -> dict:
     """Run the attack on the selected examples and score the defense over `score_draws`
     purifications, on `settings.threads` torch threads. With `out`: summary.json, examples.tsv
-    (and adversarial.pt with save_adv). Returns the summary."""
+    (and adversarial.pt with save_adv). Returns the summary; its "table" has one row per way of
+    scoring the attack (see attack_table).
+
+    With fixed_randomness the attacked defense is diffattack.FixedRandomness (each example's draws
+    fixed by (seed, example index), known to the attacker): the attack, its clean and robust flags
+    and the table's "fixed" row use that randomness; the "fresh" row scores the same adversarial
+    examples under fresh randomness, beside it."""
     with torch_threads(settings.threads):
         return _attack(cfg, settings, device, out, allow_pickle, components, save_adv, echo, progress)
 
@@ -271,6 +290,8 @@ def attack(cfg: dict, settings: Attack, device, out: Path | None = None, allow_p
 def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_adv, echo, progress) -> dict:
     t0 = time.time()
     device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     s, p = settings, settings.purifier
     c = components or load_components(cfg, p, device, allow_pickle)
     idx = list(range(s.start, min(s.start + s.n_examples, len(c.y))))
@@ -278,37 +299,61 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
         raise SdepureError(f"no examples selected: start={s.start} of {len(c.y)}")
     x, y = take(c.x, idx).to(device), c.y[idx].to(device)
     target = attacks.AttackedModel(p, c.classifier, c.num_classes, c.model, s.seed)
-    what = {"autoattack": f"AutoAttack {s.version}", "pgd": "PGD-EOT", "bpda": "BPDA+EOT"}[s.kind]
+    fixed = (diffattack.FixedRandomness(target, x, idx, derive_seed(s.seed, 6), s.eps, s.norm)
+             if s.fixed_randomness else None)
+    model = fixed if fixed is not None else target
+    what = ATTACK_NAMES[s.kind].format(version=s.version)
     echo(f"sdepure attack: {what} {s.norm} eps={s.eps:.4g} on {p.method} ({cfg['name']}, {len(idx)} examples "
          f"from {s.start}), t*={p.t_star}, {p.steps} {p.solver} steps, grad={p.grad}"
-         + (f", votes K={p.votes}" if p.votes > 1 else "") + f", {torch.get_num_threads()} torch thread(s)")
-    if s.kind != "autoattack":
-        echo(f"  {s.pgd_steps} steps of {s.step_size:.4g}, {s.eot} EOT samples")
+         + (f", votes K={p.votes}" if p.votes > 1 else "")
+         + (", fixed randomness (deterministic white-box)" if s.fixed_randomness else "")
+         + f", {torch.get_num_threads()} torch thread(s)")
+    if s.kind == "diffattack":
+        echo(f"  {s.pgd_steps} iterations per round (CE, then DLR), {s.eot} EOT draws ({s.eot_batch} per pass), "
+             f"deviated-reconstruction weight {s.dev_weight:g}")
+    elif s.kind != "autoattack":
+        echo(f"  {s.pgd_steps} steps of {s.step_size:.4g}, {s.eot} EOT draws ({s.eot_batch} per pass)")
     if out is not None:
         out = Path(out)
         report.make_out(out)
 
+    t_attack = time.time()
     if s.kind == "autoattack":
-        x_adv, info = attacks.autoattack(target, x, y, s.eps, s.norm, s.version, s.seed, s.batch, device)
+        x_adv, info = attacks.autoattack(model, x, y, s.eps, s.norm, s.version, s.seed, s.batch, device,
+                                         n_iter=s.pgd_steps, eot_iter=s.eot)
         clean_flags, robust_flags = info["clean_flags"], info["robust_flags"]
         broken_by, breakdown = info["broken_by"], info["accuracy_after"]
     else:
         with torch.no_grad():
             target.reset(derive_seed(s.seed, 1))
-            clean_flags = [bool(v) for v in _batched(lambda b: target(b).argmax(1), x, s.batch).eq(y).tolist()]
+            clean_flags = [bool(v) for v in _batched(lambda b: model(b).argmax(1), x, s.batch).eq(y).tolist()]
         target.reset(s.seed)
-        x_adv = torch.cat([attacks.pgd_eot(target, x[i:i + s.batch], y[i:i + s.batch], s.eps, s.norm, s.pgd_steps,
-                                           s.step_size, s.eot, derive_seed(s.seed, 3, i), progress=progress)
-                           for i in range(0, len(x), s.batch)])
+        chunks = []
+        for i in range(0, len(x), s.batch):
+            xb, yb = x[i:i + s.batch], y[i:i + s.batch]
+            if s.kind == "diffattack":
+                xa, _ = diffattack.diffattack(target, xb, yb, s.eps, s.norm, s.pgd_steps, s.eot, s.eot_batch,
+                                              s.dev_weight, fixed=fixed, seed=derive_seed(s.seed, 3, i),
+                                              progress=progress)
+            else:
+                xa = attacks.pgd_eot(model, xb, yb, s.eps, s.norm, s.pgd_steps, s.step_size, s.eot,
+                                     derive_seed(s.seed, 3, i), progress=progress, eot_batch=s.eot_batch)
+            chunks.append(xa)
+        x_adv = torch.cat(chunks)
         target.reset(derive_seed(s.seed, 2))
         with torch.no_grad():
-            robust_flags = [bool(v) for v in _batched(lambda b: target(b).argmax(1), x_adv, s.batch).eq(y).tolist()]
+            robust_flags = [bool(v) for v in _batched(lambda b: model(b).argmax(1), x_adv, s.batch).eq(y).tolist()]
         broken_by = [s.kind if (cl and not r) else None for cl, r in zip(clean_flags, robust_flags)]
         breakdown = {"clean": sum(clean_flags) / len(idx), s.kind: sum(robust_flags) / len(idx)}
+    attack_seconds = time.time() - t_attack
 
     target.reset(s.seed)
     clean_score = attacks.score_defense(target, x, y, s.score_draws, derive_seed(s.seed, 4), s.batch)
     adv_score = attacks.score_defense(target, x_adv, y, s.score_draws, derive_seed(s.seed, 5), s.batch)
+    scores = {"fresh": (clean_score, adv_score)}
+    if fixed is not None:  # one draw: single = majority = any-of-N
+        scores["fixed"] = tuple(attacks.score_defense(fixed, z, y, 1, 0, s.batch) for z in (x, x_adv))
+    peak = peak_memory_mb(device)
     summary = {
         "command": "attack", "attack": s.kind, "config": cfg["name"], "settings": s.to_dict(),
         "device": str(device), "examples": len(idx),
@@ -317,19 +362,51 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
         "broken_by_counts": {a: broken_by.count(a) for a in sorted({b for b in broken_by if b})},
         "scored_over_draws": {"clean": {k: v for k, v in clean_score.items() if k != "per_example"},
                               "adversarial": {k: v for k, v in adv_score.items() if k != "per_example"}},
+        "table": attack_table(what, scores, attack_seconds, peak),
         "max_perturbation": {"Linf": float((x_adv - x).abs().flatten(1).max(1).values.max()),
                              "L2": float((x_adv - x).flatten(1).norm(dim=1).max())},
+        "attack_seconds": attack_seconds, "peak_memory_mb": peak,
     }
+    if fixed is not None:
+        summary["scored_fixed_randomness"] = {k: {m: v for m, v in sc.items() if m != "per_example"}
+                                              for k, sc in zip(("clean", "adversarial"), scores["fixed"])}
     if out is not None:
         with open(out / "examples.tsv", "w") as fh:
-            fh.write("idx\tlabel\tclean_correct\trobust\tbroken_by\tadv_majority_correct\tadv_worst_correct\n")
+            fh.write("idx\tlabel\tclean_correct\trobust\tbroken_by\tadv_single_correct\tadv_majority_correct\t"
+                     "adv_any_of_n_correct\n")
             for j, i in enumerate(idx):
                 fh.write(f"{i}\t{int(y[j])}\t{int(clean_flags[j])}\t{int(robust_flags[j])}\t{broken_by[j] or '-'}\t"
-                         f"{int(adv_score['per_example']['majority'][j])}\t"
-                         f"{int(adv_score['per_example']['worst'][j])}\n")
+                         + "\t".join(str(int(adv_score["per_example"][k][j])) for k in ("single", "majority", "any_of_n"))
+                         + "\n")
         if save_adv:
             torch.save({"x_adv": x_adv.cpu(), "y": y.cpu(), "idx": torch.tensor(idx)}, out / "adversarial.pt")
     summary["wall_seconds"] = time.time() - t0
     if out is not None:
         report.write_json(out / "summary.json", summary)
     return summary
+
+
+def attack_table(what: str, scores: dict, seconds: float, peak_mb: float) -> list[dict]:
+    """One row per randomness the result is scored under: "fresh" (score_draws independent
+    purifications: single draw, majority over N, any-of-N = right in all N, DiffHammer's
+    N-evaluation) and, with fixed randomness, "fixed" (the one known draw)."""
+    rows = []
+    for randomness, (clean, adv) in scores.items():
+        row = {"attack": what, "randomness": randomness, "draws": adv["draws"]}
+        for name, sc in (("clean", clean), ("robust", adv)):
+            row.update({f"{name}_{k}": sc[k] for k in ("single", "majority", "any_of_n")})
+        row.update({"seconds": seconds, "peak_memory_mb": peak_mb})
+        rows.append(row)
+    return rows
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """The attack table as markdown (benchmarks and the README)."""
+    head = ("| attack | randomness | clean (1 / maj / all N) | robust single | robust majority | robust any-of-N "
+            "| s | peak MB |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['attack']} | {r['randomness']} | {r['clean_single']:.3f} / {r['clean_majority']:.3f} / "
+                     f"{r['clean_any_of_n']:.3f} | {r['robust_single']:.3f} | {r['robust_majority']:.3f} | "
+                     f"{r['robust_any_of_n']:.3f} | {r['seconds']:.0f} | {r['peak_memory_mb']:.0f} |")
+    return "\n".join(lines)

@@ -27,7 +27,7 @@ REVERSE_METHODS = ("diffpure", "densepure")  # methods that run the reverse proc
 GRAD_MODES = ("exact", "adjoint", "bpda", "ode")
 NORMS = ("Linf", "L2")
 AA_VERSIONS = ("standard", "rand")
-ATTACK_KINDS = ("autoattack", "pgd", "bpda")
+ATTACK_KINDS = ("autoattack", "pgd", "bpda", "diffattack")
 
 
 def _name(key: str) -> str:
@@ -180,7 +180,21 @@ class Certify:
 
 
 PGD_BUDGET = {"pgd": {"pgd_steps": 200, "eot": 20, "step_size": 0.007},
-              "bpda": {"pgd_steps": 50, "eot": 15, "step_size": 2 / 255}}
+              "bpda": {"pgd_steps": 50, "eot": 15, "step_size": 2 / 255},
+              # DiffAttack (Kang et al. 2023): 100 iterations per round, 20 EOT draws, step 2 eps halved
+              # at APGD's checkpoints (no --step-size), deviated-reconstruction weight lambda = 1
+              "diffattack": {"pgd_steps": 100, "eot": 20}}
+DIFFATTACK_METHODS = ("diffpure", "densepure")  # purifiers with intermediate reverse-process states
+
+
+def check_diffattack(p: Purifier) -> None:
+    """DiffAttack's loss lives on the intermediate states of a reverse process, reached by gradients."""
+    if p.method not in DIFFATTACK_METHODS:
+        what = "no purifier" if p.method == "none" else "one-shot denoising, no reverse process"
+        raise SdepureError(f"--diffattack needs the intermediate states of a reverse process; method "
+                           f"{p.method} has none ({what}); use --pgd or --autoattack")
+    if p.grad == "bpda":
+        raise SdepureError("--diffattack needs gradients through the reverse process; BPDA has none")
 
 
 @dataclass(frozen=True)
@@ -198,6 +212,9 @@ class Attack:
     pgd_steps: int | None = None
     eot: int | None = None
     step_size: float | None = None
+    eot_batch: int | None = None
+    dev_weight: float | None = None
+    fixed_randomness: bool = False
     seed: int = 0
     threads: int | None = None  # torch threads while the attack runs; None: torch's default
 
@@ -213,18 +230,47 @@ class Attack:
             raise SdepureError(f"eps must be >= 0, got {self.eps}")
         for key, minimum in (("n_examples", 1), ("start", 0), ("batch", 1), ("score_draws", 1), ("seed", 0)):
             set_(key, as_int(key, getattr(self, key), minimum))
+        if not isinstance(self.fixed_randomness, bool):
+            raise SdepureError(f"fixed-randomness must be true or false, got {self.fixed_randomness!r}")
+        if self.fixed_randomness and self.purifier.method == "none":
+            raise SdepureError("--fixed-randomness: method none draws no randomness to fix")
+        if self.dev_weight is not None and self.kind != "diffattack":
+            raise SdepureError("--dev-weight (DiffAttack's lambda) applies to --diffattack only")
+        if self.fixed_randomness:
+            # the defense is deterministic per example: every EOT draw would be the same
+            if self.eot is not None and as_int("eot", self.eot, 1) != 1:
+                raise SdepureError(f"--fixed-randomness makes the defense deterministic; --eot must be 1, got {self.eot}")
+            set_("eot", 1)
         if self.kind == "autoattack":
-            if any(getattr(self, k) is not None for k in ("pgd_steps", "eot", "step_size")):
-                raise SdepureError("--pgd-steps, --eot and --step-size apply to --pgd and --bpda")
+            # --pgd-steps / --eot set APGD's iterations and EOT draws (None: AutoAttack's own, 100 / 20 for rand)
+            if self.step_size is not None or self.eot_batch is not None:
+                raise SdepureError("--step-size and --eot-batch apply to --pgd, --bpda and --diffattack "
+                                   "(AutoAttack sets its own step and runs its EOT draws one by one)")
+            for key in ("pgd_steps", "eot"):
+                if getattr(self, key) is not None:
+                    set_(key, as_int(key, getattr(self, key), 1))
         else:
+            if self.kind == "diffattack":
+                if self.step_size is not None:
+                    raise SdepureError("--step-size applies to --pgd and --bpda; DiffAttack steps 2 eps, halved "
+                                       "at APGD's checkpoints")
+                check_diffattack(self.purifier)
+                set_("dev_weight", as_float("dev_weight", 1.0 if self.dev_weight is None else self.dev_weight))
+                if not self.dev_weight >= 0:
+                    raise SdepureError(f"dev-weight must be >= 0, got {self.dev_weight}")
             for key, default in PGD_BUDGET[self.kind].items():
                 if getattr(self, key) is None:
                     set_(key, default)
             set_("pgd_steps", as_int("pgd_steps", self.pgd_steps, 1))
             set_("eot", as_int("eot", self.eot, 1))
-            set_("step_size", as_float("step_size", self.step_size))
-            if not self.step_size > 0:
-                raise SdepureError(f"step size must be > 0, got {self.step_size}")
+            set_("eot_batch", as_int("eot_batch", self.eot if self.eot_batch is None else self.eot_batch, 1))
+            if self.eot_batch > self.eot:
+                raise SdepureError(f"eot-batch (draws per forward pass) must be <= eot = {self.eot}, "
+                                   f"got {self.eot_batch}")
+            if self.kind != "diffattack":
+                set_("step_size", as_float("step_size", self.step_size))
+                if not self.step_size > 0:
+                    raise SdepureError(f"step size must be > 0, got {self.step_size}")
         if self.kind == "bpda" and self.purifier.grad != "bpda":
             raise SdepureError("--bpda attacks with BPDA gradients; drop --grad or use --pgd")
         if self.purifier.t_star is None and self.purifier.method != "none":
@@ -283,14 +329,14 @@ def attack_from_config(cfg: dict, kind: str | None, overrides: dict) -> Attack:
     """Attack settings from defaults < the config's [attack] < overrides (flat names as the
     command line's options)."""
     if kind is None:
-        raise SdepureError("choose an attack: --autoattack, --pgd or --bpda")
+        raise SdepureError("choose an attack: --autoattack, --pgd, --bpda or --diffattack")
     purifier_keys = {"method", "t_star", "votes", "steps", "solver", "t_rule", "grad", "adjoint_method", "eta",
                      "precision"}
     attack_keys = {f.name for f in dataclasses.fields(Attack)} - {"purifier", "kind", "seed"}
     over = _given(overrides)
     table = _table(cfg, "attack", purifier_keys | attack_keys)
     if kind == "autoattack":  # a config's PGD budget applies to --pgd/--bpda only
-        for key in ("pgd_steps", "eot", "step_size"):
+        for key in ("pgd_steps", "eot", "step_size", "eot_batch", "dev_weight"):
             table.pop(key, None)
     s = {**ATTACK_DEFAULTS, **table, **over}
     if kind == "bpda":

@@ -82,7 +82,7 @@ def _step_times(steps: int, dtype) -> torch.Tensor:
 def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
                 method: str = "euler", t_end: float = 0.0, grad: str | None = None,
                 adjoint_method: str | None = None, *, rng: str = "cpu", streams: Streams | None = None,
-                precision: str = "fp32") -> torch.Tensor:
+                precision: str = "fp32", states: bool = False):
     """One reverse VP-SDE solve per row from t_start to t_end with torchsde.
 
     grad=None: torchsde.sdeint. grad="exact": the same solve, differentiated by autograd with
@@ -94,13 +94,17 @@ def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: i
     grad="adjoint": torchsde.sdeint_adjoint on the same grid and Brownian path, no gradient
     into the network's weights; adjoint_method defaults to the forward method's own scheme
     (adjoint_reversible_heun for reversible_heun: exact up to floating point).
-    rng, streams: how the Brownian increments are drawn and addressed (brownian.GridBrownian)."""
+    rng, streams: how the Brownian increments are drawn and addressed (brownian.GridBrownian).
+    states=True returns (x at t_end, the states after steps 1..steps stacked on a new first axis),
+    differentiable in every gradient mode (see _sde_states)."""
     check_adjoint_method(method, adjoint_method)
     grid = time_grid(t_start, t_end, steps)
     sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method], checkpoint=grad == "exact",
                        precision=precision)
     y0 = x.reshape(x.shape[0], -1)
     bm = GridBrownian(seed, y0.shape, dtype=y0.dtype, device=y0.device, rng=rng, streams=streams)
+    if states:
+        return _as_states(_sde_states(sde, y0, bm, method, steps, grad, adjoint_method), x.shape)
     if grad == "adjoint":
         # integrating over [0, steps] with dt = 1 keeps only the endpoints in memory
         y = torchsde.sdeint_adjoint(sde, y0, _step_times(steps, y0.dtype), bm=bm, method=method, dt=1.0,
@@ -127,6 +131,40 @@ def _in_recomputed_segments(y: torch.Tensor, steps: int, solve_segment) -> torch
     return y
 
 
+def _as_states(traj: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    traj = traj.reshape(traj.shape[0], *shape)
+    return traj[-1], traj
+
+
+def _states_in_recomputed_segments(y: torch.Tensor, steps: int, segment_states) -> torch.Tensor:
+    """As _in_recomputed_segments for segment_states(y, k0, k1) -> the states after steps
+    k0+1..k1 stacked (one tensor, recomputed once per segment in backward, which receives the
+    gradient of every state); returns all states (steps, ...)."""
+    length = math.isqrt(steps - 1) + 1
+    out = []
+    for k0 in range(0, steps, length):
+        k1 = min(k0 + length, steps)
+        out.append(recomputed(lambda y, k0=k0, k1=k1: segment_states(y, k0, k1), y))
+        y = out[-1][-1]
+    return torch.cat(out)
+
+
+def _sde_states(sde, y0, bm, method, steps, grad, adjoint_method) -> torch.Tensor:
+    """(steps, B, D): the solution after each step, on the same grid and Brownian path as the
+    endpoint-only solve. Output times at every integer step change nothing for these fixed-step
+    methods with dt = 1 (reversible_heun keeps its second state across output times)."""
+    ts = torch.arange(steps + 1, dtype=y0.dtype)  # CPU, see _step_times
+    if grad == "adjoint":
+        # torchsde's adjoint resets its state to the stored forward state at every output time
+        # and adds that state's loss gradient to the adjoint there
+        return torchsde.sdeint_adjoint(sde, y0, ts, bm=bm, method=method, dt=1.0, adjoint_params=(),
+                                       adjoint_method=adjoint_method or ADJOINT_METHODS[method])[1:]
+    if grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM and method != "reversible_heun":
+        return _states_in_recomputed_segments(y0, steps, lambda y, k0, k1: torchsde.sdeint(
+            sde, y, ts[k0:k1 + 1], bm=bm, method=method, dt=1.0)[1:])
+    return torchsde.sdeint(sde, y0, ts, bm=bm, method=method, dt=1.0)[1:]
+
+
 def _sde_segment(sde: ReverseVPSDE, y: torch.Tensor, bm: GridBrownian, method: str, k0: int, k1: int):
     """Solve from step k0 to k1 on the shared grid and Brownian path (both addressed by k)."""
     ts = torch.tensor([float(k0), float(k1)], dtype=y.dtype)  # CPU, see _step_times
@@ -136,8 +174,11 @@ def _sde_segment(sde: ReverseVPSDE, y: torch.Tensor, bm: GridBrownian, method: s
 _ONE_THIRD, _TWO_THIRDS = 1 / 3, 2 / 3
 
 
-def _ode_steps(func: ProbabilityFlowODE, y: torch.Tensor, inner: str, k0: int, k1: int) -> torch.Tensor:
-    """Fixed steps k0 -> k1 (dk = 1) with torchdiffeq's formulas (rk4 is its 3/8-rule variant)."""
+def _ode_steps(func: ProbabilityFlowODE, y: torch.Tensor, inner: str, k0: int, k1: int,
+               states: bool = False) -> torch.Tensor:
+    """Fixed steps k0 -> k1 (dk = 1) with torchdiffeq's formulas (rk4 is its 3/8-rule variant);
+    states=True: every state after k0, stacked."""
+    traj = []
     for k in range(k0, k1):
         f0 = func(k, y)
         if inner == "euler":
@@ -149,21 +190,35 @@ def _ode_steps(func: ProbabilityFlowODE, y: torch.Tensor, inner: str, k0: int, k
             f2 = func(k + _TWO_THIRDS, y + (f1 - f0 * _ONE_THIRD))
             f3 = func(k + 1, y + (f0 - f1 + f2))
             y = y + (f0 + 3 * (f1 + f2) + f3) * 0.125
-    return y
+        if states:
+            traj.append(y)
+    return torch.stack(traj) if states else y
 
 
 def reverse_ode(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int,
                 method: str = "ode-euler", t_end: float = 0.0, rtol: float = 1e-5,
-                atol: float = 1e-5, grad: str | None = None, *, precision: str = "fp32") -> torch.Tensor:
+                atol: float = 1e-5, grad: str | None = None, *, precision: str = "fp32", states: bool = False):
     """Probability-flow ODE from t_start to t_end: fixed-step methods step by step here,
     ode-dopri5 with torchdiffeq.odeint; grad="adjoint": torchdiffeq.odeint_adjoint (no gradient
     into the network's weights); grad="exact" recomputes as reverse_sde does (fixed-step methods
-    in segments)."""
+    in segments). states=True: (x at t_end, the states at steps 1..steps), as reverse_sde."""
     grid = time_grid(t_start, t_end, steps)
     func = ProbabilityFlowODE(model, grid, x.shape, checkpoint=grad == "exact", precision=precision)
     y0 = x.reshape(x.shape[0], -1)
     inner = ODE_METHODS[method]
     options = {} if inner == "dopri5" else {"step_size": 1.0}
+    if states:
+        every = torch.arange(steps + 1, dtype=y0.dtype, device=y0.device)
+        if grad == "adjoint":  # the adjoint adds each state's gradient at its output time
+            traj = torchdiffeq.odeint_adjoint(func, y0, every, method=inner, rtol=rtol, atol=atol, options=options,
+                                              adjoint_params=(), adjoint_options=dict(options))[1:]
+        elif inner == "dopri5":
+            traj = torchdiffeq.odeint(func, y0, every, method=inner, rtol=rtol, atol=atol, options=options)[1:]
+        elif grad == "exact" and torch.is_grad_enabled() and steps >= SEGMENT_FROM:
+            traj = _states_in_recomputed_segments(y0, steps, lambda y, k0, k1: _ode_steps(func, y, inner, k0, k1, True))
+        else:
+            traj = _ode_steps(func, y0, inner, 0, steps, True)
+        return _as_states(traj, x.shape)
     if grad == "adjoint":
         ts = torch.tensor([0.0, float(steps)], dtype=y0.dtype, device=y0.device)
         y = torchdiffeq.odeint_adjoint(func, y0, ts, method=inner, rtol=rtol, atol=atol, options=options,
@@ -208,22 +263,28 @@ def _x0(model, x, t, a, clip_x0, exact, precision):
     return x0.clamp(-1.0, 1.0) if clip_x0 else x0
 
 
-def _in_steps(x, n: int, exact: bool, step):
-    """Apply step(x, k) for k < n, in recomputed segments for exact gradients from SEGMENT_FROM on."""
+def _in_steps(x, n: int, exact: bool, step, states: bool = False):
+    """Apply step(x, k) for k < n, in recomputed segments for exact gradients from SEGMENT_FROM on.
+    states=True: (x after the last step, every state after each step stacked)."""
     def run(x, k0, k1):
+        traj = []
         for k in range(k0, k1):
             x = step(x, k)
-        return x
-    if exact and torch.is_grad_enabled() and n >= SEGMENT_FROM:
-        return _in_recomputed_segments(x, n, run)
-    return run(x, 0, n)
+            traj.append(x)
+        return torch.stack(traj) if states else x
+    segmented = exact and torch.is_grad_enabled() and n >= SEGMENT_FROM
+    if not states:
+        return _in_recomputed_segments(x, n, run) if segmented else run(x, 0, n)
+    traj = _states_in_recomputed_segments(x, n, run) if segmented else run(x, 0, n)
+    return traj[-1], traj
 
 
 def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
                    clip_x0: bool = True, grad: str | None = None, *, rng: str = "cpu",
-                   streams: Streams | None = None, precision: str = "fp32") -> torch.Tensor:
+                   streams: Streams | None = None, precision: str = "fp32", states: bool = False):
     """DDPM ancestral steps on a subsequence, betas re-derived from alpha_bar; no noise at the last step.
-    Step k adds increment k of the GridBrownian addressed by seed (and streams)."""
+    Step k adds increment k of the GridBrownian addressed by seed (and streams).
+    states=True: (x at 0, the state after each step, at ddpm_times(...)[1:])."""
     times, ab = _subsequence(model, t_start, steps)
     bm = GridBrownian(seed, x.shape, dtype=x.dtype, device=x.device, rng=rng, streams=streams)
     n, exact = len(times) - 1, grad == "exact"
@@ -236,12 +297,12 @@ def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps
         if k < n - 1:
             return mean + ((1 - alpha) * (1 - a_next) / (1 - a)) ** 0.5 * bm.increment(k)
         return mean
-    return _in_steps(x, n, exact, step)
+    return _in_steps(x, n, exact, step, states)
 
 
 def ddim(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int = 0, eta: float = 0.0,
          clip_x0: bool = True, grad: str | None = None, *, times=None, rng: str = "cpu",
-         streams: Streams | None = None, precision: str = "fp32") -> torch.Tensor:
+         streams: Streams | None = None, precision: str = "fp32", states: bool = False):
     """DDIM (Song, Meng & Ermon 2021, eq. 12) on the subsequence of ddpm_times (or `times`, decreasing):
         x0_k   = (x_k - sqrt(1 - a_k) eps(x_k, t_k)) / sqrt(a_k)     (clipped if clip_x0)
         s_k    = eta sqrt((1 - a_{k+1}) / (1 - a_k)) sqrt(1 - a_k / a_{k+1})
@@ -268,11 +329,11 @@ def ddim(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, see
         if s > 0:
             x_next = x_next + s * bm.increment(k)
         return x_next
-    return _in_steps(x, n, exact, step)
+    return _in_steps(x, n, exact, step, states)
 
 
 def dpm_solver_2m(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, clip_x0: bool = True,
-                  grad: str | None = None, *, times=None, precision: str = "fp32") -> torch.Tensor:
+                  grad: str | None = None, *, times=None, precision: str = "fp32", states: bool = False):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) on the subsequence of ddpm_times (or `times`).
     With alpha_k = sqrt(a_k), sigma_k = sqrt(1 - a_k), lambda_k = log(alpha_k / sigma_k),
     h_k = lambda_{k+1} - lambda_k and D_k the data prediction x0(x_k, t_k):
@@ -295,7 +356,7 @@ def dpm_solver_2m(model: DiffusionModel, x: torch.Tensor, t_start: float, steps:
         w = None if h_prev is None else h / (2 * h_prev)  # 1 / (2 r_k)
         plan.append((math.sqrt((1 - a_next) / (1 - a)), math.sqrt(a_next) * math.expm1(-h), w))
         h_prev = h
-    d_prev = None
+    d_prev, traj = None, []
     for k in range(n):
         d = _x0(model, x, times[k], ab[k], clip_x0, exact, precision)
         if plan[k] is None:
@@ -305,7 +366,8 @@ def dpm_solver_2m(model: DiffusionModel, x: torch.Tensor, t_start: float, steps:
             d_hat = d if w is None else (1 + w) * d - w * d_prev
             x = ratio * x - phi * d_hat
         d_prev = d
-    return x
+        traj.append(x)
+    return (x, torch.stack(traj)) if states else x
 
 
 # -- when exact gradients need recomputation -----------------------------------------------
@@ -351,15 +413,19 @@ GRADS = (None, "exact", "adjoint")
 def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
           method: str = "euler", clip_x0: bool = True, grad: str | None = None,
           adjoint_method: str | None = None, *, eta: float = 0.0, rng: str = "cpu",
-          streams: Streams | None = None, precision: str = "fp32", recompute: bool = True) -> torch.Tensor:
+          streams: Streams | None = None, precision: str = "fp32", states: bool = False,
+          recompute: bool = True):
     """Dispatch on `method` (see SOLVERS); returns the reverse-process output at t = 0.
     `clip_x0` clips the x0 predictions of ddpm, ddim and dpm-solver-2m to [-1, 1] (images); the
     other solvers ignore it. `grad`: None (plain autograd), "exact" (recomputed autograd, input
     gradient only) or "adjoint". `eta`: ddim's noise level. `rng` ("cpu" or "device") and
     `streams` (brownian.Streams) say how the Gaussian draws are made and addressed. `precision`:
-    autocast of the network ("fp32", "bf16", "fp16"; see precision.py). `recompute=False` with
-    grad="exact": one plain autograd graph instead, the same gradient without recomputation,
-    for callers that checked plain_graph_fits (frozen weights, a graph within budget)."""
+    autocast of the network ("fp32", "bf16", "fp16"; see precision.py).
+    states=True returns (x at 0, states, times): the state after every step (n, *x.shape),
+    differentiable in the same gradient mode (DiffAttack's intermediate states), and the float64
+    times they sit at (n,). `recompute=False` with grad="exact": one plain autograd graph
+    instead, the same gradient without recomputation, for callers that checked plain_graph_fits
+    (frozen weights, a graph within budget)."""
     check_solver(method)
     check_rng(rng)
     _precision.check_precision(precision)
@@ -370,16 +436,22 @@ def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, se
     if method != "ddim" and eta != 0.0:
         raise SdepureError(f"eta applies to the ddim solver only (solver is {method})")
     if method in SDE_METHODS:
-        return reverse_sde(model, x, t_start, steps, seed, method, grad=grad, adjoint_method=adjoint_method,
-                           rng=rng, streams=streams, precision=precision)
-    if method in ODE_METHODS:
-        return reverse_ode(model, x, t_start, steps, method, grad=grad, precision=precision)
-    if grad == "adjoint":
+        out = reverse_sde(model, x, t_start, steps, seed, method, grad=grad, adjoint_method=adjoint_method,
+                          rng=rng, streams=streams, precision=precision, states=states)
+    elif method in ODE_METHODS:
+        out = reverse_ode(model, x, t_start, steps, method, grad=grad, precision=precision, states=states)
+    elif grad == "adjoint":
         raise SdepureError(f"the {method} sampler has no adjoint; use grad exact, or an SDE/ODE solver")
-    if method == "ddpm":
-        return ddpm_ancestral(model, x, t_start, steps, seed, clip_x0, grad=grad, rng=rng, streams=streams,
-                              precision=precision)
-    if method == "ddim":
-        return ddim(model, x, t_start, steps, seed, eta, clip_x0, grad=grad, rng=rng, streams=streams,
-                    precision=precision)
-    return dpm_solver_2m(model, x, t_start, steps, clip_x0, grad=grad, precision=precision)
+    elif method == "ddpm":
+        out = ddpm_ancestral(model, x, t_start, steps, seed, clip_x0, grad=grad, rng=rng, streams=streams,
+                             precision=precision, states=states)
+    elif method == "ddim":
+        out = ddim(model, x, t_start, steps, seed, eta, clip_x0, grad=grad, rng=rng, streams=streams,
+                   precision=precision, states=states)
+    else:
+        out = dpm_solver_2m(model, x, t_start, steps, clip_x0, grad=grad, precision=precision, states=states)
+    if not states:
+        return out
+    times = (ddpm_times(model.schedule, t_start, steps) if method in SUBSEQUENCE_METHODS
+             else time_grid(t_start, 0.0, steps))[1:]
+    return (*out, times)

@@ -134,7 +134,7 @@ def test_pgd_eot_stays_in_ball_and_fools_undefended(digits, norm, eps):
         assert (classifier(x_adv).argmax(1) == y[:16]).double().mean() < 0.5
 
 
-def test_score_defense_counts_majority_and_worst():
+def test_score_defense_counts_single_majority_and_any_of_n():
     class Scripted(AttackedModel):
         """Draw d of example i is right unless (i, d) is listed."""
 
@@ -154,7 +154,7 @@ def test_score_defense_counts_majority_and_worst():
     score = attacks.score_defense(Scripted(), x, torch.zeros(3, dtype=torch.long), draws=4, seed=0, batch=8)
     assert score["single"] == pytest.approx(1 / 3)
     assert score["majority"] == pytest.approx(2 / 3)
-    assert score["worst"] == pytest.approx(1 / 3)
+    assert score["any_of_n"] == pytest.approx(1 / 3)
 
 
 def test_attacked_model_bad_settings(digits):

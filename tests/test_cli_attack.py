@@ -16,7 +16,7 @@ def test_attack_autoattack_end_to_end(tiny, tmp_path, run_cli):
     assert set(summary["accuracy_after_each_attack"]) == {"clean", "apgd-ce", "apgd-dlr"}
     assert summary["max_perturbation"]["Linf"] <= 0.1 + 1e-6
     scored = summary["scored_over_draws"]["adversarial"]
-    assert scored["draws"] == 3 and scored["worst"] <= scored["majority"] + 1e-12
+    assert scored["draws"] == 3 and scored["any_of_n"] <= scored["majority"] + 1e-12
     assert (out / "adversarial.pt").exists()
     assert len((out / "examples.tsv").read_text().splitlines()) == 3
     assert "robust accuracy" in stdout
@@ -54,7 +54,23 @@ BAD = {
     "unknown grad": (["--autoattack", "--grad", "finite-differences"], "gradient mode"),
     "n-examples zero": (["--autoattack", "--n-examples", "0"], "n-examples"),
     "no attack chosen": ([], "choose an attack"),
-    "pgd options with autoattack": (["--autoattack", "--eot", "3"], "apply to --pgd"),
+    "step size with autoattack": (["--autoattack", "--step-size", "0.01"], "apply to --pgd"),
+    "eot batch with autoattack": (["--autoattack", "--eot-batch", "2"], "apply to --pgd"),
+    "autoattack iterations zero": (["--autoattack", "--pgd-steps", "0"], "pgd-steps"),
+    "diffattack without reverse process": (["--diffattack", "--method", "carlini"], "intermediate states"),
+    "diffattack without purifier": (["--diffattack", "--method", "none"], "no purifier"),
+    "diffattack with bpda": (["--diffattack", "--grad", "bpda"], "BPDA has none"),
+    "diffattack step size": (["--diffattack", "--step-size", "0.01"], "2 eps"),
+    "negative dev weight": (["--diffattack", "--dev-weight", "-1"], "dev-weight"),
+    "nan dev weight": (["--diffattack", "--dev-weight", "nan"], "dev-weight"),
+    "malformed dev weight": (["--diffattack", "--dev-weight", "heavy"], "dev-weight"),
+    "dev weight without diffattack": (["--pgd", "--dev-weight", "0.5"], "--diffattack only"),
+    "eot batch zero": (["--pgd", "--eot-batch", "0"], "eot-batch"),
+    "eot batch above eot": (["--diffattack", "--eot", "4", "--eot-batch", "5"], "eot-batch"),
+    "fixed randomness with eot": (["--pgd", "--fixed-randomness", "--eot", "3"], "deterministic"),
+    "fixed randomness without randomness": (["--pgd", "--fixed-randomness", "--method", "none"], "no randomness"),
+    "fixed randomness overlapping balls": (["--pgd", "--fixed-randomness", "--eps", "0.6"], "apart"),
+    "no attack given": (["--eot", "2"], "--diffattack"),
     "bpda with another grad": (["--bpda", "--grad", "exact"], "bpda"),
     "votes with diffpure": (["--pgd", "--votes", "4"], "densepure only"),
     "zero step size": (["--pgd", "--step-size", "0"], "step size"),
@@ -74,6 +90,44 @@ BAD = {
     "eta below zero": (["--pgd", "--solver", "ddim", "--eta", "-0.1"], "eta must be in [0, 1]"),
     "unknown precision": (["--pgd", "--precision", "int8"], "unknown precision"),
 }
+
+
+def test_attack_diffattack_end_to_end(tiny, tmp_path, run_cli):
+    out = tmp_path / "da"
+    code, stdout, err = run_cli("attack", "--diffattack", "--config", str(tiny), "--out", str(out), "--pgd-steps", "2",
+                                "--eot", "2", "--n-examples", "2", "--grad", "adjoint", "--dev-weight", "0.5")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    st = summary["settings"]
+    assert summary["attack"] == "diffattack" and st["dev_weight"] == 0.5 and st["eot_batch"] == 2
+    assert st["purifier"]["grad"] == "adjoint"
+    assert summary["max_perturbation"]["Linf"] <= 0.1 + 1e-6
+    (row,) = summary["table"]
+    assert row["attack"] == "DiffAttack" and row["randomness"] == "fresh" and row["draws"] == 3
+    assert row["robust_any_of_n"] <= row["robust_majority"] + 1e-12 and row["seconds"] > 0
+    assert row["peak_memory_mb"] > 0
+    assert "| DiffAttack | fresh |" in stdout
+    header = (out / "examples.tsv").read_text().splitlines()[0].split("\t")
+    assert header[-3:] == ["adv_single_correct", "adv_majority_correct", "adv_any_of_n_correct"]
+
+
+@pytest.mark.parametrize("kind", ["--pgd", "--diffattack", "--autoattack"])
+def test_attack_fixed_randomness(tiny, tmp_path, run_cli, kind):
+    """Fixed randomness: one EOT draw, a 'fixed' table row (one draw: single = majority = any-of-N)
+    beside the 'fresh' row scoring the same adversarial examples under fresh draws."""
+    out = tmp_path / "fx"
+    args = ["attack", kind, "--fixed-randomness", "--config", str(tiny), "--out", str(out), "--n-examples", "2",
+            "--pgd-steps", "2", "--method", "densepure", "--votes", "2"]
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["fixed_randomness"] is True and summary["settings"]["eot"] == 1
+    rows = {r["randomness"]: r for r in summary["table"]}
+    assert set(rows) == {"fresh", "fixed"}
+    fx = rows["fixed"]
+    assert fx["draws"] == 1 and fx["robust_single"] == fx["robust_majority"] == fx["robust_any_of_n"]
+    # the attack saw the fixed draw: its robust flags are the fixed row's robust accuracy
+    assert summary["robust_accuracy"] == pytest.approx(fx["robust_single"])
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

@@ -89,7 +89,7 @@ def test_certify_and_attack_refusals():
         Certify(Purifier("diffpure", t_star=0.1))
     q = Purifier("diffpure", t_star=0.1)
     for kwargs, needle in (({"kind": "fgsm"}, "unknown attack"), ({"norm": "L3"}, "unknown norm"),
-                           ({"eps": -1}, "eps"), ({"kind": "autoattack", "eot": 2}, "apply to --pgd"),
+                           ({"eps": -1}, "eps"), ({"kind": "autoattack", "step_size": 0.01}, "apply to --pgd"),
                            ({"kind": "pgd", "step_size": 0}, "step size"), ({"kind": "bpda"}, "BPDA")):
         with pytest.raises(SdepureError, match=needle):
             Attack(q, **kwargs)
