@@ -35,6 +35,7 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--solver")
 @click.option("--votes", type=int, help="DensePure: K purifications per prediction.")
 @click.option("--eta", type=float, help="ddim solver: noise level in [0, 1] (0: deterministic).")
+@click.option("--rng", help="Gaussian draws: device (default) or cpu (the device-independent CPU stream).")
 @click.option("--precision", help=f"Network arithmetic: {', '.join(PRECISIONS)} (autocast; fp32 default).")
 @click.option("--pgd-steps", type=int, help="Iterations (PGD / BPDA; per round for DiffAttack; APGD's for AutoAttack).")
 @click.option("--eot", type=int, help="Gradient samples (EOT draws) per iteration; expected loss over them.")

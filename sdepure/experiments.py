@@ -87,7 +87,7 @@ def certify(cfg: dict, settings: Certify, device, out: Path | None = None, allow
     indices = selected_images(settings, len(c.x))
     base = purify.build(settings.purifier, c.model, c.classifier, c.num_classes)
     t_star = getattr(base.purifier, "t_star", None)
-    smooth = Smooth(base.predict, c.num_classes, settings.sigma)
+    smooth = Smooth(base.predict, c.num_classes, settings.sigma, rng=settings.purifier.rng)
     own_shard = runs.Shard(dist.rank, dist.world_size) if dist.active else shard
     own = own_shard.select(indices) if own_shard else indices
     say = echo if dist.is_main else _quiet

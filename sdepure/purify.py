@@ -224,11 +224,11 @@ def build_purifier(settings: Purifier, model: DiffusionModel | None, grad: str |
     if settings.method == "carlini":
         return OneShot(model, t_star, precision=settings.precision)
     return ReverseProcess(model, t_star, settings.steps, settings.solver, grad, settings.adjoint_method,
-                          eta=settings.eta, precision=settings.precision)
+                          eta=settings.eta, rng=settings.rng, precision=settings.precision)
 
 
 def build(settings: Purifier, model: DiffusionModel | None, classifier: nn.Module,
           num_classes: int) -> PurifiedClassifier:
     """The purified base classifier for certification (no gradients)."""
     return PurifiedClassifier(build_purifier(settings, model), classifier, num_classes, settings.votes,
-                              precision=settings.precision)
+                              early_stop=settings.early_stop, precision=settings.precision)
