@@ -35,6 +35,7 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--solver")
 @click.option("--votes", type=int, help="DensePure: K purifications per prediction.")
 @click.option("--eta", type=float, help="ddim solver: noise level in [0, 1] (0: deterministic).")
+@click.option("--rng", help="Gaussian draws: device (default) or cpu (the device-independent CPU stream).")
 @click.option("--precision", help=f"Network arithmetic: {', '.join(PRECISIONS)} (autocast; fp32 default).")
 @click.option("--pgd-steps", type=int, help="Iterations (PGD / BPDA; per round for DiffAttack; APGD's for AutoAttack).")
 @click.option("--eot", type=int, help="Gradient samples (EOT draws) per iteration; expected loss over them.")
@@ -46,6 +47,8 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
                    "known to the attacker; attack and score with them (and also under fresh draws).")
 @click.option("--step-size", help="PGD / BPDA step size, e.g. 2/255.")
 @click.option("--score-draws", type=int, help="Purifications per example when scoring (M).")
+@click.option("--threads", type=int, help="torch threads (default: the config's, else torch's own; the digits "
+              "config uses 1: its small networks lose time to threads waiting for each other).")
 @click.option("--save-adv", is_flag=True, help="Also write the adversarial examples (adversarial.pt).")
 @common_options
 def attack(config_name, kind, save_adv, seed, device, out, allow_pickle, model_weights, classifier_weights,

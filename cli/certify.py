@@ -30,6 +30,10 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--solver", type=str, help=f"One of {', '.join(SOLVERS)}.")
 @click.option("--eta", type=float, help="ddim solver: noise level in [0, 1] (0, the default: deterministic).")
 @click.option("--precision", type=str, help=f"Network arithmetic: {', '.join(PRECISIONS)} (autocast; fp32 default).")
+@click.option("--rng", type=str, help="Gaussian draws: device (default; on the CPU identical to cpu) or cpu "
+              "(the device-independent CPU stream, moved to the device).")
+@click.option("--full-vote", is_flag=True, default=None,
+              help="DensePure: evaluate all K runs of every draw (the default early stop gives the same labels).")
 @click.option("--batch", type=int, help="Noise draws per forward pass (x votes rows).")
 @click.option("--start", type=int, help="First test image index.")
 @click.option("--stop", type=int, help="Stop before this image index.")
@@ -38,7 +42,7 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--resume", type=click.Path(path_type=Path),
               help="Continue the run in this directory (its recorded settings; flags given must agree).")
 @common_options
-def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta, precision, batch, start, stop,
+def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta, precision, rng, full_vote, batch, start, stop,
             skip, shard, resume, seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
     """Certify a purified classifier with randomized smoothing (Cohen et al.).
 
@@ -53,7 +57,7 @@ def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta,
     if part is not None and env.active:
         raise SdepureError("--shard and torchrun both split the images; use one of them")
     overrides = dict(name=method, sigma=sigma, votes=votes, steps=steps, solver=solver, eta=eta,
-                     precision=precision, n0=n0, n=n, alpha=alpha,
+                     precision=precision, rng=rng, early_stop=False if full_vote else None, n0=n0, n=n, alpha=alpha,
                      batch=batch, start=start, stop=stop, skip=skip, seed=seed if given["seed"] else None)
     if resume is not None:
         if out is not None:

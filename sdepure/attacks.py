@@ -68,7 +68,7 @@ class AttackedModel(nn.Module):
         then do not depend on the batch it runs in; see sdepure.diffattack.FixedRandomness)."""
         if self.method == "none":
             return x
-        x_noisy = x + self.sigma * gaussian(x.shape, sub_seed(seed, 0), x)
+        x_noisy = x + self.sigma * gaussian(x.shape, sub_seed(seed, 0), x, self.settings.rng)
         if self.grad == "bpda":
             with torch.no_grad():
                 out = self.purifier(x_noisy, *path_address(seed))
@@ -106,14 +106,14 @@ def path_address(seed) -> tuple[int, Streams | None]:
     return derive_seed(seed, 1), None
 
 
-def gaussian(shape, seed, like: torch.Tensor) -> torch.Tensor:
-    """Standard normal draws for a batch seed (int) or one seed per row (tuple)."""
+def gaussian(shape, seed, like: torch.Tensor, rng: str = "cpu") -> torch.Tensor:
+    """Standard normal draws for a batch seed (int) or one seed per row (tuple, CPU stream)."""
     if isinstance(seed, tuple):
         if len(seed) != shape[0]:
             raise SdepureError(f"{len(seed)} row seeds for {shape[0]} rows")
         rows = [randn(tuple(shape[1:]), s, dtype=like.dtype) for s in seed]
         return torch.stack(rows).to(like.device)
-    return randn(shape, seed, dtype=like.dtype, device=like.device)
+    return randn(shape, seed, dtype=like.dtype, device=like.device, rng=rng)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ command line, benchmarks and notebooks run the same code.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ def certify(cfg: dict, settings: Certify, device, out: Path | None = None, allow
     indices = selected_images(settings, len(c.x))
     base = purify.build(settings.purifier, c.model, c.classifier, c.num_classes)
     t_star = getattr(base.purifier, "t_star", None)
-    smooth = Smooth(base.predict, c.num_classes, settings.sigma)
+    smooth = Smooth(base.predict, c.num_classes, settings.sigma, rng=settings.purifier.rng)
     own_shard = runs.Shard(dist.rank, dist.world_size) if dist.active else shard
     own = own_shard.select(indices) if own_shard else indices
     say = echo if dist.is_main else _quiet
@@ -242,6 +243,21 @@ def _batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op thread count set to `threads` for the duration (None: left alone), then
+    restored. Small networks gain little from threads and lose much when another job holds a
+    core: the threads spin-wait for each other at every operation."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads is not None:
+            torch.set_num_threads(before)
+
+
 def peak_memory_mb(device) -> float:
     """Peak memory so far: torch.cuda.max_memory_allocated on a GPU; on the CPU the process's peak
     resident set size (it only grows: compare attacks run in separate processes)."""
@@ -259,13 +275,19 @@ def attack(cfg: dict, settings: Attack, device, out: Path | None = None, allow_p
            components: Components | None = None, save_adv: bool = False, echo: Echo = _quiet,
            progress: Callable[[int], None] | None = None) -> dict:
     """Run the attack on the selected examples and score the defense over `score_draws`
-    purifications. With `out`: summary.json, examples.tsv (and adversarial.pt with save_adv).
-    Returns the summary; its "table" has one row per way of scoring the attack (see attack_table).
+    purifications, on `settings.threads` torch threads. With `out`: summary.json, examples.tsv
+    (and adversarial.pt with save_adv). Returns the summary; its "table" has one row per way of
+    scoring the attack (see attack_table).
 
     With fixed_randomness the attacked defense is diffattack.FixedRandomness (each example's draws
     fixed by (seed, example index), known to the attacker): the attack, its clean and robust flags
     and the table's "fixed" row use that randomness; the "fresh" row scores the same adversarial
     examples under fresh randomness, beside it."""
+    with torch_threads(settings.threads):
+        return _attack(cfg, settings, device, out, allow_pickle, components, save_adv, echo, progress)
+
+
+def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_adv, echo, progress) -> dict:
     t0 = time.time()
     device = torch.device(device)
     if device.type == "cuda":
@@ -284,7 +306,8 @@ def attack(cfg: dict, settings: Attack, device, out: Path | None = None, allow_p
     echo(f"sdepure attack: {what} {s.norm} eps={s.eps:.4g} on {p.method} ({cfg['name']}, {len(idx)} examples "
          f"from {s.start}), t*={p.t_star}, {p.steps} {p.solver} steps, grad={p.grad}"
          + (f", votes K={p.votes}" if p.votes > 1 else "")
-         + (", fixed randomness (deterministic white-box)" if s.fixed_randomness else ""))
+         + (", fixed randomness (deterministic white-box)" if s.fixed_randomness else "")
+         + f", {torch.get_num_threads()} torch thread(s)")
     if s.kind == "diffattack":
         echo(f"  {s.pgd_steps} iterations per round (CE, then DLR), {s.eot} EOT draws ({s.eot_batch} per pass), "
              f"deviated-reconstruction weight {s.dev_weight:g}")

@@ -27,7 +27,7 @@ from .rng import check_rng, to_device
 from .schedules import DiscreteVP
 from .sde import network_call
 from .settings import Purifier
-from .solvers import ODE_METHODS, check_eta, solve
+from .solvers import EXACT_GRAPH_BUDGET, ODE_METHODS, check_eta, graph_bytes, plain_graph_fits, solve
 
 DETERMINISTIC = (*ODE_METHODS, "dpm-solver-2m")  # and ddim at eta = 0
 DEFAULT_T_RULE = {"carlini": "first", "diffpure": "nearest", "densepure": "nearest"}
@@ -77,7 +77,18 @@ class ReverseProcess(nn.Module):
         self.grad, self.adjoint_method = grad, adjoint_method
         self.eta, self.rng, self.precision = float(eta), rng, precision
         self.ab = float(model.schedule.alpha_bar(torch.tensor(self.t_star, dtype=torch.float64)))
+        self.graph_budget = EXACT_GRAPH_BUDGET
+        self._call_bytes_per_row: float | None = None  # measured once, on the first exact solve
         prepare(model)
+
+    def recompute(self, xt: torch.Tensor) -> bool:
+        """Exact gradients: recompute network calls in backward only when a plain graph of this
+        solve would not fit graph_budget (solvers.plain_graph_fits); the gradient is the same."""
+        if self._call_bytes_per_row is None:
+            self._call_bytes_per_row = graph_bytes(self.model.score, xt, self.t_star) / xt.shape[0]
+        state = xt[0].numel() * xt.element_size()
+        return not plain_graph_fits(self.model, self.solver, self.steps, xt.shape[0], self._call_bytes_per_row,
+                                    state, self.graph_budget)
 
     @property
     def deterministic(self) -> bool:
@@ -89,9 +100,10 @@ class ReverseProcess(nn.Module):
     def forward(self, x, seed: int, streams: Streams | None = None):
         """`streams` addresses each row's noise (brownian.Streams); None: one plain solve."""
         xt = self.ab ** 0.5 * (2 * x - 1)
+        recompute = self.grad != "exact" or not torch.is_grad_enabled() or self.recompute(xt)
         x0 = solve(self.model, xt, self.t_star, self.steps, seed, self.solver, grad=self.grad,
                    adjoint_method=self.adjoint_method, eta=self.eta, rng=self.rng, streams=streams,
-                   precision=self.precision)
+                   precision=self.precision, recompute=recompute)
         return (x0.clamp(-1, 1) + 1) / 2
 
 
@@ -212,11 +224,11 @@ def build_purifier(settings: Purifier, model: DiffusionModel | None, grad: str |
     if settings.method == "carlini":
         return OneShot(model, t_star, precision=settings.precision)
     return ReverseProcess(model, t_star, settings.steps, settings.solver, grad, settings.adjoint_method,
-                          eta=settings.eta, precision=settings.precision)
+                          eta=settings.eta, rng=settings.rng, precision=settings.precision)
 
 
 def build(settings: Purifier, model: DiffusionModel | None, classifier: nn.Module,
           num_classes: int) -> PurifiedClassifier:
     """The purified base classifier for certification (no gradients)."""
     return PurifiedClassifier(build_purifier(settings, model), classifier, num_classes, settings.votes,
-                              precision=settings.precision)
+                              early_stop=settings.early_stop, precision=settings.precision)

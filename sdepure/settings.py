@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import SdepureError
 from .precision import PRECISIONS
+from .rng import RNGS
 from .schedules import T_RULES
 from .solvers import NO_ADJOINT, ODE_METHODS, SDE_METHODS, SOLVERS, check_adjoint_method
 
@@ -89,6 +90,8 @@ class Purifier:
     adjoint_method: str | None = None
     eta: float = 0.0            # ddim's noise level (0: deterministic DDIM, 1: DDPM's variance)
     precision: str = "fp32"     # autocast of the score network and classifier (precision.py)
+    rng: str = "device"         # draws on the device ("cpu": the device-independent CPU stream)
+    early_stop: bool = True     # DensePure: stop a draw's vote once its winner is decided (exact)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise once)
@@ -121,6 +124,9 @@ class Purifier:
         if self.eta != 0 and self.solver != "ddim":
             raise SdepureError(f"--eta applies to the ddim solver only (solver is {self.solver})")
         _choice("precision", self.precision, PRECISIONS)
+        _choice("rng", self.rng, RNGS)
+        if not isinstance(self.early_stop, bool):
+            raise SdepureError(f"early_stop must be true or false, got {self.early_stop!r}")
         if self.adjoint_method is not None:
             if self.grad != "adjoint":
                 raise SdepureError("--adjoint-method applies to --grad adjoint only")
@@ -216,10 +222,13 @@ class Attack:
     dev_weight: float | None = None
     fixed_randomness: bool = False
     seed: int = 0
+    threads: int | None = None  # torch threads while the attack runs; None: torch's default
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
         _choice("attack", self.kind, ATTACK_KINDS)
+        if self.threads is not None:
+            set_("threads", as_int("threads", self.threads, 1))
         _choice("norm", self.norm, NORMS)
         _choice("AutoAttack version", self.version, AA_VERSIONS)
         set_("eps", as_float("eps", self.eps))
@@ -305,7 +314,7 @@ def certify_from_config(cfg: dict, overrides: dict) -> Certify:
     names: name, sigma, votes, steps, solver, t_rule, eta, precision, n0, n, alpha, batch, start,
     stop, skip, seed)."""
     cert_keys = set(CERTIFY_DEFAULTS["certify"])
-    method_keys = {"name", "sigma", "votes", "steps", "solver", "t_rule", "eta", "precision"}
+    method_keys = {"name", "sigma", "votes", "steps", "solver", "t_rule", "eta", "precision", "rng", "early_stop"}
     over = _given(overrides)
     m = {**CERTIFY_DEFAULTS["method"], **_table(cfg, "method", method_keys),
          **{k: v for k, v in over.items() if k in method_keys}}
@@ -318,7 +327,8 @@ def certify_from_config(cfg: dict, overrides: dict) -> Certify:
         m["votes"] = 1
     purifier = Purifier(method=m["name"], sigma=m["sigma"], votes=m["votes"], steps=m["steps"],
                         solver=m["solver"], t_rule=m.get("t_rule"), eta=m.get("eta", 0.0),
-                        precision=m.get("precision", "fp32"))
+                        precision=m.get("precision", "fp32"), rng=m.get("rng", "device"),
+                        early_stop=m.get("early_stop", True))
     return Certify(purifier=purifier, seed=over.get("seed", 0), **c)
 
 
@@ -328,7 +338,7 @@ def attack_from_config(cfg: dict, kind: str | None, overrides: dict) -> Attack:
     if kind is None:
         raise SdepureError("choose an attack: --autoattack, --pgd, --bpda or --diffattack")
     purifier_keys = {"method", "t_star", "votes", "steps", "solver", "t_rule", "grad", "adjoint_method", "eta",
-                     "precision"}
+                     "precision", "rng"}
     attack_keys = {f.name for f in dataclasses.fields(Attack)} - {"purifier", "kind", "seed"}
     over = _given(overrides)
     table = _table(cfg, "attack", purifier_keys | attack_keys)

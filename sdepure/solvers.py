@@ -27,6 +27,7 @@ import math
 import torch
 import torchdiffeq
 import torchsde
+from torch import nn
 
 from . import precision as _precision
 from .brownian import GridBrownian, Streams
@@ -369,13 +370,51 @@ def dpm_solver_2m(model: DiffusionModel, x: torch.Tensor, t_start: float, steps:
     return (x, torch.stack(traj)) if states else x
 
 
+# -- when exact gradients need recomputation -----------------------------------------------
+
+EXACT_GRAPH_BUDGET = 64 * 2 ** 20  # bytes a plain autograd graph of one exact solve may keep
+# network calls per step of each fixed-step method (dopri5 adapts: unknown, always recomputed)
+CALLS_PER_STEP = {"euler": 1, "milstein": 1, "heun": 2, "midpoint": 2, "euler_heun": 2, "reversible_heun": 1,
+                  "ode-euler": 1, "ode-midpoint": 2, "ode-rk4": 4, "ddpm": 1, "ddim": 1, "dpm-solver-2m": 1}
+
+
+def graph_bytes(fn, x: torch.Tensor, t: float) -> int:
+    """Bytes the autograd graph of one network call fn(x, t) keeps: its saved tensors, each
+    storage once, the network's parameters (which exist anyway) left out. Runs the call once."""
+    params = {p.untyped_storage().data_ptr() for p in getattr(fn, "__self__", nn.Module()).parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = tensor.untyped_storage().nbytes()
+        return tensor
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(x.detach().requires_grad_(True), torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device))
+    return sum(saved.values())
+
+
+def plain_graph_fits(model: DiffusionModel, method: str, steps: int, rows: int, call_bytes_per_row: float,
+                     state_bytes_per_row: int, budget: int = EXACT_GRAPH_BUDGET) -> bool:
+    """Whether exact gradients may skip recomputation: the weights are frozen (a plain graph then
+    sends gradients to the input only, as recomputation does) and the whole solve's graph, network
+    calls and solver states, stays within `budget` bytes. The gradient is the same either way;
+    recomputation only trades time for memory (one more forward pass per network call)."""
+    calls = CALLS_PER_STEP.get(method)
+    if calls is None or any(p.requires_grad for p in model.parameters()):
+        return False
+    per_step = calls * call_bytes_per_row + (calls + 4) * state_bytes_per_row
+    return rows * steps * per_step <= budget
+
+
 GRADS = (None, "exact", "adjoint")
 
 
 def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
           method: str = "euler", clip_x0: bool = True, grad: str | None = None,
           adjoint_method: str | None = None, *, eta: float = 0.0, rng: str = "cpu",
-          streams: Streams | None = None, precision: str = "fp32", states: bool = False):
+          streams: Streams | None = None, precision: str = "fp32", states: bool = False,
+          recompute: bool = True):
     """Dispatch on `method` (see SOLVERS); returns the reverse-process output at t = 0.
     `clip_x0` clips the x0 predictions of ddpm, ddim and dpm-solver-2m to [-1, 1] (images); the
     other solvers ignore it. `grad`: None (plain autograd), "exact" (recomputed autograd, input
@@ -384,12 +423,16 @@ def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, se
     autocast of the network ("fp32", "bf16", "fp16"; see precision.py).
     states=True returns (x at 0, states, times): the state after every step (n, *x.shape),
     differentiable in the same gradient mode (DiffAttack's intermediate states), and the float64
-    times they sit at (n,)."""
+    times they sit at (n,). `recompute=False` with grad="exact": one plain autograd graph
+    instead, the same gradient without recomputation, for callers that checked plain_graph_fits
+    (frozen weights, a graph within budget)."""
     check_solver(method)
     check_rng(rng)
     _precision.check_precision(precision)
     if grad not in GRADS:
         raise SdepureError(f"unknown gradient mode {grad!r} for the solver")
+    if grad == "exact" and not recompute:
+        grad = None
     if method != "ddim" and eta != 0.0:
         raise SdepureError(f"eta applies to the ddim solver only (solver is {method})")
     if method in SDE_METHODS:

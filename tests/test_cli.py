@@ -149,3 +149,23 @@ def test_fractional_count_in_config_refused_by_both_commands(tiny, tmp_path, cli
     cfg2 = _config_with(tiny, tmp_path, "steps = 2\n", "steps = 2.5\n")
     cli_error("steps must be an integer", "attack", "--autoattack", "--config", str(cfg2), "--out", str(tmp_path / "a"))
     assert not (tmp_path / "c").exists() and not (tmp_path / "a").exists()
+
+
+def test_rng_and_full_vote_leave_cpu_rows_unchanged(tiny, tmp_path, run_cli):
+    """On the CPU the device stream is the CPU stream, and the early-stopped vote is exact: the
+    default, --rng cpu and --full-vote give the same rows."""
+    rows = {}
+    for name, extra in (("default", []), ("cpu", ["--rng", "cpu"]), ("full", ["--full-vote"])):
+        code, _, err = run_cli("certify", "--config", str(tiny), "--out", str(tmp_path / name), *extra)
+        assert code == 0, err
+        rows[name] = [line.split("\t")[:5] for line in (tmp_path / name / "certify.tsv").read_text().splitlines()]
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["settings"]["purifier"]["early_stop"] == (name != "full")
+    assert rows["default"] == rows["cpu"] == rows["full"]
+
+
+@pytest.mark.parametrize("command", ["certify", "attack"])
+def test_bad_rng_refused(tiny, tmp_path, cli_error, command):
+    extra = ["--autoattack"] if command == "attack" else []
+    cli_error("unknown rng 'gpu'", command, *extra, "--config", str(tiny), "--rng", "gpu", "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()

@@ -83,6 +83,7 @@ BAD = {
     "negative start": (["--pgd", "--start", "-2"], "start"),
     "adjoint method mismatch": (["--pgd", "--grad", "adjoint", "--adjoint-method", "midpoint"], "does not pair"),
     "unknown device": (["--pgd", "--device", "tpu"], "device"),
+    "threads zero": (["--pgd", "--threads", "0"], "threads must be an integer >= 1"),
     "ddim has no adjoint": (["--pgd", "--grad", "adjoint", "--solver", "ddim"], "no adjoint"),
     "dpm-solver has no adjoint": (["--pgd", "--grad", "adjoint", "--solver", "dpm-solver-2m"], "no adjoint"),
     "eta with euler": (["--pgd", "--eta", "0.3"], "--eta applies to the ddim solver"),
@@ -175,3 +176,26 @@ def test_gradcheck_fresh_process_reports_memory(tiny, tmp_path, run_cli):
 def test_gradcheck_bad_input(tiny, tmp_path, cli_error, args, needle):
     cli_error(needle, "gradcheck", "--config", str(tiny), "--out", str(tmp_path / "o"), *args)
     assert not (tmp_path / "o").exists()
+
+
+def test_attack_threads_recorded_and_restored(tiny, tmp_path, run_cli):
+    """--threads holds while the attack runs (recorded in summary.json); the process's own
+    setting is back afterwards (the command line runs in-process here)."""
+    import torch
+    before = torch.get_num_threads()
+    out = tmp_path / "t"
+    code, stdout, err = run_cli("attack", "--pgd", "--config", str(tiny), "--out", str(out), "--pgd-steps", "1",
+                                "--eot", "1", "--n-examples", "1", "--score-draws", "1", "--threads", "2")
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["settings"]["threads"] == 2
+    assert "2 torch thread(s)" in stdout
+    assert torch.get_num_threads() == before
+
+
+def test_digits_attack_default_runs_on_one_thread():
+    from sdepure.config import load_config
+    from sdepure.settings import attack_from_config
+    assert attack_from_config(load_config("digits"), "autoattack", {}).threads == 1
+    bad = {**load_config("digits"), "attack": {**load_config("digits")["attack"], "threads": "two"}}
+    with pytest.raises(Exception, match="threads"):
+        attack_from_config(bad, "autoattack", {})
