@@ -17,29 +17,10 @@ import time
 
 import torch
 
-from sdepure import purify
-from sdepure.classifiers import build_classifier
+from _counting import Counter
+from sdepure import experiments
 from sdepure.config import load_config
-from sdepure.data import load_dataset
-from sdepure.models import build_score_model
-from sdepure.smoothing import Smooth, certify_images
-
-
-class Counter:
-    """Rows and calls seen by a module (a forward pre-hook)."""
-
-    def __init__(self, module):
-        self.rows = self.calls = 0
-        module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        self.rows += args[0].shape[0]
-        self.calls += 1
-
-    def take(self):
-        out = (self.rows, self.calls)
-        self.rows = self.calls = 0
-        return out
+from sdepure.settings import certify_from_config
 
 
 def main() -> None:
@@ -63,25 +44,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cfg = load_config(args.config)
-    model = build_score_model(cfg["model"])
-    classifier = build_classifier(cfg["classifier"], False, None)
-    x, y, num_classes = load_dataset(cfg["data"])
-    stop = len(x) if args.stop is None else min(args.stop, len(x))
-    indices = list(range(args.start, stop, args.skip))
-    net_count, cls_count = Counter(model.net), Counter(classifier)
-    t_star = purify.t_star_for(model.schedule, args.sigma, "densepure")
+
+    def settings(votes, early_stop):
+        return certify_from_config(cfg, dict(name="densepure", sigma=args.sigma, votes=votes, steps=args.steps,
+                                             solver=args.solver, early_stop=early_stop, n0=args.n0, n=args.n,
+                                             alpha=args.alpha, batch=args.batch, start=args.start, stop=args.stop,
+                                             skip=args.skip, seed=args.seed))
+    components = experiments.load_components(cfg, settings(1, True).purifier, "cpu")
+    net_count, cls_count = Counter(components.model.net), Counter(components.classifier)
     results = []
     for votes in [int(v) for v in args.votes.split(",")]:
         entry = {"votes": votes}
         rows = {}
         for repeat in range(args.repeats):  # alternate the two, keep the fastest of each
             for early_stop in (False, True):
-                base = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, args.steps, args.solver),
-                                                 classifier, num_classes, votes, early_stop=early_stop)
-                smooth = Smooth(base.predict, num_classes, args.sigma)
                 start = time.perf_counter()
-                with torch.no_grad():
-                    out = certify_images(smooth, x, y, indices, args.n0, args.n, args.alpha, args.batch, args.seed)
+                summary = experiments.certify(cfg, settings(votes, early_stop), "cpu", components=components)
+                out, t_star = summary["rows"], summary["t_star"]
+                indices = [r["idx"] for r in out]
                 seconds = time.perf_counter() - start
                 (net_rows, net_calls), (cls_rows, _) = net_count.take(), cls_count.take()
                 key = "early" if early_stop else "full"

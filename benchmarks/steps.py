@@ -15,28 +15,12 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
-from sdepure import purify, report
-from sdepure.classifiers import build_classifier
+from _counting import Counter
+from sdepure import experiments, report
 from sdepure.config import load_config
-from sdepure.data import load_dataset
-from sdepure.models import build_score_model
-from sdepure.smoothing import Smooth, certify_images
-
-
-class Counter:
-    def __init__(self, module):
-        self.rows = 0
-        module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        self.rows += args[0].shape[0]
-
-    def take(self) -> int:
-        rows, self.rows = self.rows, 0
-        return rows
+from sdepure.settings import certify_from_config
 
 
 def main() -> None:
@@ -59,35 +43,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cfg = load_config(args.config)
-    model = build_score_model(cfg["model"])
-    classifier = build_classifier(cfg["classifier"], False, None)
-    x, y, num_classes = load_dataset(cfg["data"])
-    stop = len(x) if args.stop is None else min(args.stop, len(x))
-    indices = list(range(args.start, stop, args.skip))
-    net_count, cls_count = Counter(model.net), Counter(classifier)
-    t_star = purify.t_star_for(model.schedule, args.sigma, "densepure")
+
+    def settings(solver, steps):
+        return certify_from_config(cfg, dict(name="densepure", sigma=args.sigma, votes=args.votes, steps=steps,
+                                             solver=solver, n0=args.n0, n=args.n, alpha=args.alpha,
+                                             batch=args.batch, start=args.start, stop=args.stop, skip=args.skip,
+                                             seed=args.seed))
+    components = experiments.load_components(cfg, settings("euler", 1).purifier, "cpu")
+    net_count, cls_count = Counter(components.model.net), Counter(components.classifier)
     radii = report.default_radii(args.sigma)
     results = []
     for solver in args.solvers.split(","):
         for steps in [int(b) for b in args.steps.split(",")]:
-            base = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, steps, solver), classifier,
-                                             num_classes, args.votes)
-            smooth = Smooth(base.predict, num_classes, args.sigma)
             start = time.perf_counter()
-            with torch.no_grad():
-                rows = certify_images(smooth, x, y, indices, args.n0, args.n, args.alpha, args.batch, args.seed)
+            summary = experiments.certify(cfg, settings(solver, steps), "cpu", components=components)
             seconds = time.perf_counter() - start
-            radius = np.array([r["radius"] for r in rows])
-            correct = np.array([r["correct"] for r in rows])
-            accs = report.certified_accuracy(radius, correct, radii)
+            images, t_star = summary["images"], summary["t_star"]
             results.append({"solver": solver, "steps": steps,
-                            "certified_accuracy": {f"{r:g}": float(a) for r, a in zip(radii, accs)},
-                            "network_rows_per_image": net_count.take() / len(indices),
-                            "classifier_rows_per_image": cls_count.take() / len(indices),
-                            "seconds_per_image": seconds / len(indices)})
+                            "certified_accuracy": summary["certified_accuracy"],
+                            "network_rows_per_image": net_count.take()[0] / images,
+                            "classifier_rows_per_image": cls_count.take()[0] / images,
+                            "seconds_per_image": seconds / images})
             print(json.dumps(results[-1]), flush=True, file=__import__("sys").stderr)
 
-    print(json.dumps({"benchmark": "steps", "images": len(indices), "settings": vars(args), "t_star": t_star,
+    print(json.dumps({"benchmark": "steps", "images": images, "settings": vars(args), "t_star": t_star,
                       "torch_threads": torch.get_num_threads(), "results": results}, indent=1))
     print()
     shown = [r for r in radii if r <= 1.0]
