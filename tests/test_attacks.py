@@ -10,24 +10,8 @@ from sdepure.errors import SdepureError
 from sdepure.models import build_score_model
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.schedules import LinearVP
-from sdepure.settings import Purifier
 
-def attacked(method, classifier, num_classes, model=None, t_star=None, steps=10, solver="euler", grad="exact",
-             votes=1, seed=0):
-    return AttackedModel(Purifier(method, t_star=t_star, steps=steps, solver=solver, grad=grad, votes=votes),
-                         classifier, num_classes, model, seed)
-
-
-MEANS = [[0.6, 0.0], [-0.6, 0.0], [0.0, 0.6]]
-
-
-class NearestMean(nn.Module):
-    def __init__(self, means):
-        super().__init__()
-        self.means = nn.Parameter(torch.as_tensor(means, dtype=torch.float64))
-
-    def forward(self, x01):
-        return -torch.cdist(2 * x01 - 1, self.means) ** 2
+from helpers import MEANS, NearestMean, attacked
 
 
 @pytest.fixture(scope="module")

@@ -9,32 +9,16 @@ import torch
 from torch import nn
 
 from sdepure import attacks
-from sdepure.attacks import AttackedModel, eot_gradient, path_address, relative_error
+from sdepure.attacks import eot_gradient, path_address, relative_error
 from sdepure.diffattack import (FixedRandomness, apgd_checkpoints, check_diffattack, cls_loss, defended,
                                 diffattack, dlr_loss, purify_with_states)
 from sdepure.errors import SdepureError
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.schedules import LinearVP
 from sdepure.sde import time_grid
-from sdepure.settings import Purifier
 from sdepure.solvers import solve
 
-MEANS = [[0.6, 0.0], [-0.6, 0.0], [0.0, 0.6]]
-
-
-def attacked(method, classifier, num_classes, model=None, t_star=None, steps=10, solver="euler", grad="exact",
-             votes=1, seed=0):
-    return AttackedModel(Purifier(method, t_star=t_star, steps=steps, solver=solver, grad=grad, votes=votes),
-                         classifier, num_classes, model, seed)
-
-
-class NearestMean(nn.Module):
-    def __init__(self, means):
-        super().__init__()
-        self.means = nn.Parameter(torch.as_tensor(means, dtype=torch.float64))
-
-    def forward(self, x01):
-        return -torch.cdist(2 * x01 - 1, self.means) ** 2
+from helpers import MEANS, NearestMean, attacked
 
 
 @pytest.fixture(scope="module")

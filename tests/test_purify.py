@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 
 from sdepure import purify
 from sdepure.errors import SdepureError
@@ -8,19 +7,7 @@ from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.schedules import LinearVP
 from sdepure.settings import Purifier
 
-
-class NearestMean(nn.Module):
-    """Classifier on [0, 1] inputs: label of the nearest component mean (in model space)."""
-
-    def __init__(self, means):
-        super().__init__()
-        self.means = torch.as_tensor(means, dtype=torch.float64)
-
-    def forward(self, x01):
-        return -torch.cdist(2 * x01 - 1, self.means.to(x01))
-
-
-MEANS = [[0.6, 0.0], [-0.6, 0.0], [0.0, 0.6]]
+from helpers import MEANS, NearestMean
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ import itertools
 
 import pytest
 import torch
-from torch import nn
 
 from sdepure import purify
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
@@ -12,7 +11,7 @@ from sdepure.schedules import LinearVP
 from sdepure.smoothing import Smooth, certify_images
 from sdepure.solvers import solve
 
-MEANS = [[0.6, 0.0], [-0.6, 0.0], [0.0, 0.6]]
+from helpers import MEANS, NearestMean
 
 
 def _final_winners(counts, remaining, classes):
@@ -49,15 +48,6 @@ def test_vote_decided_and_votes_to_decide_against_brute_force(classes, votes):
                                                      remaining - j)
                                  for extra in itertools.product(range(classes), repeat=j)))
             assert int(purify.votes_to_decide(counts[None], remaining)) == fewest, (counts, remaining)
-
-
-class NearestMean(nn.Module):
-    def __init__(self, means):
-        super().__init__()
-        self.means = torch.as_tensor(means, dtype=torch.float64)
-
-    def forward(self, x01):
-        return -torch.cdist(2 * x01 - 1, self.means.to(x01))
 
 
 class CountingModel(GaussianMixtureModel):
