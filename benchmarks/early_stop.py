@@ -17,28 +17,17 @@ import time
 
 import torch
 
-from _counting import Counter
+from _common import Counter, add_certify_arguments, certify_settings
 from sdepure import experiments
 from sdepure.config import load_config
-from sdepure.settings import certify_from_config
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="digits")
+    add_certify_arguments(ap)
     ap.add_argument("--votes", default="10,40")
-    ap.add_argument("--sigma", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--solver", default="euler")
-    ap.add_argument("--n0", type=int, default=32)
-    ap.add_argument("--n", type=int, default=400)
-    ap.add_argument("--alpha", type=float, default=0.001)
-    ap.add_argument("--batch", type=int, default=250)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--stop", type=int, default=None)
-    ap.add_argument("--skip", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="time each mode this often (alternating), keep the min")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -46,10 +35,7 @@ def main() -> None:
     cfg = load_config(args.config)
 
     def settings(votes, early_stop):
-        return certify_from_config(cfg, dict(name="densepure", sigma=args.sigma, votes=votes, steps=args.steps,
-                                             solver=args.solver, early_stop=early_stop, n0=args.n0, n=args.n,
-                                             alpha=args.alpha, batch=args.batch, start=args.start, stop=args.stop,
-                                             skip=args.skip, seed=args.seed))
+        return certify_settings(cfg, args, votes=votes, steps=args.steps, solver=args.solver, early_stop=early_stop)
     components = experiments.load_components(cfg, settings(1, True).purifier, "cpu")
     net_count, cls_count = Counter(components.model.net), Counter(components.classifier)
     results = []

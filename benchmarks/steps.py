@@ -17,38 +17,24 @@ import time
 
 import torch
 
-from _counting import Counter
+from _common import Counter, add_certify_arguments, certify_settings
 from sdepure import experiments, report
 from sdepure.config import load_config
-from sdepure.settings import certify_from_config
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="digits")
+    add_certify_arguments(ap)
     ap.add_argument("--solvers", default="euler,ddpm,ddim,dpm-solver-2m")
     ap.add_argument("--steps", default="1,2,5,10,50")
-    ap.add_argument("--sigma", type=float, default=0.5)
     ap.add_argument("--votes", type=int, default=10)
-    ap.add_argument("--n0", type=int, default=32)
-    ap.add_argument("--n", type=int, default=400)
-    ap.add_argument("--alpha", type=float, default=0.001)
-    ap.add_argument("--batch", type=int, default=250)
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--stop", type=int, default=None)
-    ap.add_argument("--skip", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     cfg = load_config(args.config)
 
     def settings(solver, steps):
-        return certify_from_config(cfg, dict(name="densepure", sigma=args.sigma, votes=args.votes, steps=steps,
-                                             solver=solver, n0=args.n0, n=args.n, alpha=args.alpha,
-                                             batch=args.batch, start=args.start, stop=args.stop, skip=args.skip,
-                                             seed=args.seed))
+        return certify_settings(cfg, args, votes=args.votes, steps=steps, solver=solver)
     components = experiments.load_components(cfg, settings("euler", 1).purifier, "cpu")
     net_count, cls_count = Counter(components.model.net), Counter(components.classifier)
     radii = report.default_radii(args.sigma)
