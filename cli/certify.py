@@ -54,8 +54,6 @@ def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta,
              for name in ("config_name", "seed")}
     env = distributed.from_environ()
     part = runs.parse_shard(shard) if shard is not None else None
-    if part is not None and env.active:
-        raise SdepureError("--shard and torchrun both split the images; use one of them")
     overrides = dict(name=method, sigma=sigma, votes=votes, steps=steps, solver=solver, eta=eta,
                      precision=precision, rng=rng, early_stop=False if full_vote else None, n0=n0, n=n, alpha=alpha,
                      batch=batch, start=start, stop=stop, skip=skip, seed=seed if given["seed"] else None)
@@ -81,8 +79,7 @@ def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta,
         out = check_out(out or default_out("certify", cfg["name"], p.method, f"sigma{p.sigma}"))
     else:
         out = default_out("certify", cfg["name"], p.method, f"sigma{p.sigma}")
-    components = experiments.load_components(cfg, p, dev, allow_pickle)
-    summary = experiments.certify(cfg, settings, dev, out, components=components, echo=click.echo, log=sys.stderr,
+    summary = experiments.certify(cfg, settings, dev, out, allow_pickle, echo=click.echo, log=sys.stderr,
                                   resume=resume is not None, shard=part, dist=env)
     if not env.is_main:
         click.echo(f"{env.prefix}shard {env.rank}/{env.world_size} done ({len(summary['rows'])} images); "
