@@ -1,8 +1,12 @@
 """Small models shared by the tests (pytest puts this folder on sys.path)."""
+import math
+
 import torch
 from torch import nn
 
 from sdepure.attacks import AttackedModel
+from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
+from sdepure.schedules import LinearVP
 from sdepure.settings import Purifier
 
 MEANS = [[0.6, 0.0], [-0.6, 0.0], [0.0, 0.6]]
@@ -23,3 +27,14 @@ def attacked(method, classifier, num_classes, model=None, t_star=None, steps=10,
              votes=1, seed=0):
     return AttackedModel(Purifier(method, t_star=t_star, steps=steps, solver=solver, grad=grad, votes=votes),
                          classifier, num_classes, model, seed)
+
+
+def single_gaussian_pf_case():
+    """N(mu, s^2 I) at t = 0.3 and its exact probability-flow map to t = 0, which is affine:
+    x0 = mu + s / sqrt(v_t) (x_t - sqrt(a) mu). Returns (model, t, x_t, exact x0)."""
+    mu, s = torch.tensor([[0.5, -0.3]], dtype=torch.float64), 0.2
+    model = GaussianMixtureModel(GaussianMixture(mu, [s]), LinearVP())
+    t = 0.3
+    a = float(model.schedule.alpha_bar(t))
+    x_t = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    return model, t, x_t, mu + s / math.sqrt(a * s * s + 1 - a) * (x_t - math.sqrt(a) * mu)

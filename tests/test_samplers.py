@@ -9,6 +9,8 @@ from sdepure.errors import SdepureError
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.schedules import DiscreteVP, LinearVP
 
+from helpers import single_gaussian_pf_case
+
 MIXTURE = dict(means=[[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0]], stds=[0.3, 0.3, 0.3], weights=[0.5, 0.3, 0.2])
 
 
@@ -65,12 +67,7 @@ def test_single_gaussian_closed_form_through_solve():
     """For N(mu, s^2 I) the PF-ODE map to t = 0 is affine: x0 = mu + s / sqrt(v_t) (x_t - sqrt(a) mu).
     solve(..., "ddim") and "dpm-solver-2m" on the ddpm subsequence approach it as steps grow
     (the last step to t = 0 is the x0 prediction)."""
-    mu, s = torch.tensor([[0.5, -0.3]], dtype=torch.float64), 0.2
-    model = GaussianMixtureModel(GaussianMixture(mu, [s]), LinearVP())
-    t = 0.3
-    a = float(model.schedule.alpha_bar(t))
-    x_t = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    exact = mu + s / math.sqrt(a * s * s + 1 - a) * (x_t - math.sqrt(a) * mu)
+    model, t, x_t, exact = single_gaussian_pf_case()
     for method, bound in (("ddim", 1e-2), ("dpm-solver-2m", 1e-3)):
         errors = [_rms(solvers.solve(model, x_t, t, n, 0, method, clip_x0=False), exact) for n in (5, 20, 80)]
         assert errors[0] > errors[1] > errors[2] and errors[2] < bound, (method, errors)

@@ -6,10 +6,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdepure.brownian import GridBrownian, Streams
 from sdepure.errors import SdepureError
-from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.schedules import DiscreteVP, LinearVP
 from sdepure.rng import derive_seed
 from sdepure.solvers import ddpm_times, solve
+
+from helpers import single_gaussian_pf_case
 
 
 def test_grid_brownian_seeded_and_reversible():
@@ -90,12 +91,7 @@ def test_reverse_sde_samples_exact_posterior(gmm_model, method, steps):
 
 def test_probability_flow_ode_single_gaussian_closed_form():
     """For N(mu, s^2 I) the PF-ODE is linear: x0 = mu + s / sqrt(v_t) (x_t - sqrt(a) mu)."""
-    mu, s = torch.tensor([[0.5, -0.3]], dtype=torch.float64), 0.2
-    model = GaussianMixtureModel(GaussianMixture(mu, [s]), LinearVP())
-    t = 0.3
-    a = float(model.schedule.alpha_bar(t))
-    x_t = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    exact = mu + s / math.sqrt(a * s * s + 1 - a) * (x_t - math.sqrt(a) * mu)
+    model, t, x_t, exact = single_gaussian_pf_case()
     out = solve(model, x_t, t, 200, seed=0, method="ode-rk4")
     assert torch.allclose(out, exact, atol=1e-6)
     assert torch.allclose(solve(model, x_t, t, 1, seed=0, method="ode-dopri5"), exact, atol=1e-4)
