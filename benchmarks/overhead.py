@@ -40,14 +40,14 @@ from sdepure.data import load_digits
 from sdepure.models import build_score_model
 from sdepure.models.base import EpsNetModel
 from sdepure.models.digits import DigitsEpsMLP
-from sdepure.purify import build, t_star_for
+from sdepure.defense import Defense, t_star_for
 from sdepure.rng import derive_seed
 from sdepure.settings import Purifier
 from sdepure.schedules import LinearVP
 from sdepure.brownian import GridBrownian
 from sdepure.sde import ReverseVPSDE, time_grid
 from sdepure.smoothing import Smooth
-from sdepure.solvers import EXACT_GRAPH_BUDGET, SDE_METHODS, ddpm_times, solve
+from sdepure.solvers import EXACT_GRAPH_BUDGET, SDE_METHODS, Sampler, ddpm_times, solve
 
 METHODS = ("euler", "ddpm", "ode-euler", "heun")
 TARGETS = {"digits": 1.05, "tiny": 1.5, "certify": 1.10}
@@ -189,14 +189,14 @@ def solve_rows(cfg: dict, repeats: int, methods, tiny_rows, with_digits: bool = 
             seed = 12345
             with torch.no_grad():
                 log = CallLog(net=model.net)
-                ref = solve(model, xt, t_star, steps, seed, method)
+                ref = solve(model, xt, t_star, Sampler(method, steps), seed)
                 calls_solve = len(log.calls)
                 fl = floor_solve(model, xt, t_star, steps, seed, method)
                 calls_floor = len(log.calls) - calls_solve
                 log.close()
                 # millisecond solves: more repeats, so that some run between the other jobs' time slices
                 reps = repeats if name == "digits" else 10 * repeats
-                fns = [lambda: solve(model, xt, t_star, steps, seed, method),
+                fns = [lambda: solve(model, xt, t_star, Sampler(method, steps), seed),
                        lambda: floor_solve(model, xt, t_star, steps, seed, method)]
                 if method in SDE_METHODS:
                     fns.append(lambda: sde_loop(model, xt, t_star, steps, seed, method))
@@ -234,7 +234,7 @@ def certify_row(cfg: dict, repeats: int) -> dict:
     n0, n, alpha, batch = int(c["n0"]), int(c["n"]), float(c["alpha"]), int(c["batch"])
     model = build_score_model(cfg["model"])
     classifier = build_classifier(cfg["classifier"], num_classes=10)
-    base = build(Purifier(method=m["name"], sigma=sigma, votes=votes, steps=steps, solver=solver), model, classifier, 10)
+    base = Defense(Purifier(method=m["name"], sigma=sigma, votes=votes, steps=steps, solver=solver), model, classifier, 10)
     smooth = Smooth(base.predict, 10, sigma)
     x, _ = load_digits("test")
     image = x[0]
@@ -282,7 +282,7 @@ def attack_rows(cfg: dict, repeats: int) -> list[dict]:
     classifier = build_classifier(cfg["classifier"], num_classes=10)
     x, y = load_digits("test")
     x, y = x[:settings.batch], y[:settings.batch]
-    target = AttackedModel(p, classifier, 10, model)
+    target = AttackedModel(Defense(p, model, classifier, 10))
     net = model.net
     t_vec = torch.full((x.shape[0],), 0.1)
 

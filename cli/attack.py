@@ -37,6 +37,8 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--eta", type=float, help="ddim solver: noise level in [0, 1] (0: deterministic).")
 @click.option("--rng", help="Gaussian draws: device (default) or cpu (the device-independent CPU stream).")
 @click.option("--precision", help=f"Network arithmetic: {', '.join(PRECISIONS)} (autocast; fp32 default).")
+@click.option("--variance", help="ddpm solver's step variance: auto (default: the model's learned variance where it "
+              "has one), learned, posterior or beta.")
 @click.option("--pgd-steps", type=int, help="Iterations (PGD / BPDA; per round for DiffAttack; APGD's for AutoAttack).")
 @click.option("--eot", type=int, help="Gradient samples (EOT draws) per iteration; expected loss over them.")
 @click.option("--eot-batch", type=int,
@@ -82,7 +84,8 @@ def attack(config_name, kind, save_adv, seed, device, out, allow_pickle, model_w
     click.echo("  after each attack: " + ", ".join(f"{k} {v:.3f}" for k, v in s["accuracy_after_each_attack"].items()))
     clean, adv = s["scored_over_draws"]["clean"], s["scored_over_draws"]["adversarial"]
     click.echo(f"scored over {adv['draws']} purifications: clean majority {clean['majority']:.3f} / any-of-N "
-               f"{clean['any_of_n']:.3f}; adversarial single {adv['single']:.3f}, majority {adv['majority']:.3f}, "
+               f"{clean['any_of_n']:.3f}; adversarial single {adv['single']:.3f} (SE {adv['single_se']:.3f}, mean "
+               f"over the draws), majority {adv['majority']:.3f}, "
                f"any-of-N {adv['any_of_n']:.3f}")
     click.echo(experiments.table_markdown(s["table"]))
     click.echo(f"wrote {out}/summary.json, examples.tsv{', adversarial.pt' if save_adv else ''} "

@@ -11,7 +11,7 @@ from sdepure import distributed, experiments, runs
 from sdepure.config import load_config
 from sdepure.errors import SdepureError
 from sdepure.precision import PRECISIONS
-from sdepure.settings import METHODS, certify_from_config
+from sdepure.settings import METHODS, Certify, certify_from_config
 from sdepure.solvers import SOLVERS
 
 from .common import apply_paths, check_out, common_options, default_out, resolve_device
@@ -30,6 +30,8 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--solver", type=str, help=f"One of {', '.join(SOLVERS)}.")
 @click.option("--eta", type=float, help="ddim solver: noise level in [0, 1] (0, the default: deterministic).")
 @click.option("--precision", type=str, help=f"Network arithmetic: {', '.join(PRECISIONS)} (autocast; fp32 default).")
+@click.option("--variance", type=str, help="ddpm solver's step variance: auto (default: the model's learned variance "
+              "where it has one, as DensePure ran its checkpoints), learned, posterior or beta.")
 @click.option("--rng", type=str, help="Gaussian draws: device (default; on the CPU identical to cpu) or cpu "
               "(the device-independent CPU stream, moved to the device).")
 @click.option("--full-vote", is_flag=True, default=None,
@@ -42,8 +44,8 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--resume", type=click.Path(path_type=Path),
               help="Continue the run in this directory (its recorded settings; flags given must agree).")
 @common_options
-def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta, precision, rng, full_vote, batch, start, stop,
-            skip, shard, resume, seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
+def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta, variance, precision, rng, full_vote,
+            batch, start, stop, skip, shard, resume, seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
     """Certify a purified classifier with randomized smoothing (Cohen et al.).
 
     Writes run.json at the start, certify.tsv (idx label predict radius correct time) row by row,
@@ -54,7 +56,7 @@ def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta,
              for name in ("config_name", "seed")}
     env = distributed.from_environ()
     part = runs.parse_shard(shard) if shard is not None else None
-    overrides = dict(name=method, sigma=sigma, votes=votes, steps=steps, solver=solver, eta=eta,
+    overrides = dict(name=method, sigma=sigma, votes=votes, steps=steps, solver=solver, eta=eta, variance=variance,
                      precision=precision, rng=rng, early_stop=False if full_vote else None, n0=n0, n=n, alpha=alpha,
                      batch=batch, start=start, stop=stop, skip=skip, seed=seed if given["seed"] else None)
     if resume is not None:
@@ -62,15 +64,16 @@ def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta,
             raise SdepureError("--resume continues the run in its own directory; drop --out")
         record = runs.load_record(resume)
         runs.check_world_size(resume, record, env.world_size)
-        # without --config, the run's own config tables and settings; flags given must agree
+        # the run's own settings (flags given must agree); without --config, its config tables too
         cfg = load_config(config_name) if given["config_name"] else runs.config_from_record(record)
-        overrides["seed"] = seed if given["seed"] else record["settings"]["seed"]
+        base = Certify.from_dict(record["settings"])
+        overrides["seed"] = seed if given["seed"] else None
         part = part or runs.record_shard(record)
     else:
-        cfg = load_config(config_name)
+        cfg, base = load_config(config_name), None
         overrides["seed"] = seed
     cfg = apply_paths(cfg, model_weights, classifier_weights, data_root)
-    settings = certify_from_config(cfg, overrides)
+    settings = certify_from_config(cfg, overrides, base)
     dev = distributed.device_for(env, resolve_device(device))
     p = settings.purifier
     if resume is not None:

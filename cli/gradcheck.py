@@ -13,6 +13,7 @@ from sdepure import attacks, report
 from sdepure.classifiers import build_classifier
 from sdepure.config import load_config, merged
 from sdepure.data import load_dataset, take
+from sdepure.defense import Defense
 from sdepure.errors import SdepureError
 from sdepure.models import build_score_model
 from sdepure.settings import Purifier, as_int
@@ -35,7 +36,7 @@ def _build(spec: dict):
         model, classifier = model.double(), classifier.double()
     settings = Purifier(spec["method"], t_star=spec["t_star"], steps=spec["steps"], solver=spec["solver"],
                         grad=spec["grad"], adjoint_method=spec["adjoint_method"])
-    target = attacks.AttackedModel(settings, classifier, num_classes, model, spec["seed"])
+    target = attacks.AttackedModel(Defense(settings, model, classifier, num_classes), spec["seed"])
     return target, x, y
 
 

@@ -1,12 +1,11 @@
 """Adaptive attacks on purified classifiers: gradient modes, PGD-EOT, BPDA+EOT, AutoAttack,
 and the scoring of a randomized defense over many purifications.
 
-What the attack differentiates and what the defense predicts:
-- diffpure: logits of the classifier on one purification (fresh randomness per call);
-- densepure: the mean of the K purifications' logits; the defense itself predicts by majority
-  vote over the K labels, which has no gradient. Scoring (score_defense) uses the vote.
-- carlini: logits on the one-shot x0 prediction from a freshly noised input;
-- none: the classifier.
+What the attack differentiates and what the defense predicts (sdepure.defense.Defense, the one
+definition of the defense): DiffPure, the classifier's logits on one purification; DensePure, the
+mean of the K purifications' logits (the defense itself predicts by majority vote, which has no
+gradient); Carlini, the logits on the one-shot x0 prediction of a freshly noised input; none,
+the classifier. Every call draws fresh randomness.
 
 Gradient modes (through the reverse process):
 - exact:   autograd through every solver step, the network and segments of sqrt(steps) steps
@@ -18,41 +17,35 @@ Gradient modes (through the reverse process):
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
 from .brownian import Streams
+from .defense import Defense, Outputs, majority_vote
 from .errors import SdepureError
-from .models.base import DiffusionModel
-from .purify import build_purifier, majority_vote, resolve_t_star
-from .rng import derive_seed, generator, randn
-from .schedules import sigma_for_alpha_bar
-from .settings import NORMS, Purifier
+from .rng import derive_seed, generator
+from .settings import NORMS
+
 
 class AttackedModel(nn.Module):
-    """[0, 1] images -> logits, differentiable through the purifier as `settings.grad` says.
+    """A Defense as an nn.Module from [0, 1] images to logits, differentiable through the purifier
+    as the settings' grad says. Every call is a fresh draw of the randomized defense: call c is
+    addressed by derive_seed(seed, c) (one block of its batch); `reset(seed)` restarts the
+    sequence. The networks' weights are frozen."""
 
-    Every forward call draws fresh randomness, call c using seed derive_seed(seed, c), as a
-    randomized defense does; `reset(seed)` restarts the sequence. The networks' weights are frozen.
-    `settings` (validated once, see sdepure.settings) gives t* directly or through sigma.
-    """
-
-    def __init__(self, settings: Purifier, classifier: nn.Module, num_classes: int,
-                 model: DiffusionModel | None = None, seed: int = 0):
+    def __init__(self, defense: Defense, seed: int = 0):
         super().__init__()
-        self.settings = settings
-        self.method, self.classifier, self.num_classes, self.model = settings.method, classifier, num_classes, model
-        self.votes, self.grad = settings.votes, settings.grad
-        self.purifier = build_purifier(settings, model, settings.solver_grad)
-        if settings.method != "none":
-            self.t_star = resolve_t_star(settings, model.schedule)
-            ab = float(model.schedule.alpha_bar(torch.tensor(self.t_star, dtype=torch.float64)))
-            self.sigma = sigma_for_alpha_bar(ab)
+        self.defense = defense
         for p in self.parameters():
             p.requires_grad_(False)
         self.reset(seed)
+
+    @property
+    def num_classes(self) -> int:
+        return self.defense.num_classes
 
     def reset(self, seed: int) -> None:
         self.seed, self.calls = int(seed), 0
@@ -61,68 +54,28 @@ class AttackedModel(nn.Module):
         self.calls += 1
         return derive_seed(self.seed, self.calls)
 
-    def purify(self, x: torch.Tensor, seed) -> torch.Tensor:
-        """One purification of each row of x (in [0, 1]), differentiable per the gradient mode:
-        forward diffusion to t* is x + sigma(t*) z on the [0, 1] scale, then the purifier.
-        `seed` addresses the batch (an int) or each row (a tuple: a row's noise and Brownian path
-        then do not depend on the batch it runs in; see sdepure.diffattack.FixedRandomness)."""
-        if self.method == "none":
-            return x
-        x_noisy = x + self.sigma * gaussian(x.shape, sub_seed(seed, 0), x, self.settings.rng)
-        if self.grad == "bpda":
-            with torch.no_grad():
-                out = self.purifier(x_noisy, *path_address(seed))
-            return x + (out - x).detach()
-        return self.purifier(x_noisy, *path_address(seed))
+    def outputs(self, x: torch.Tensor, with_dev: bool = False) -> Outputs:
+        """(logits, L_dev or None, labels) of the next draw (see Defense.forward)."""
+        return self.defense(x, Streams.batch(self.next_seed(), x.shape[0]), with_dev)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seed = self.next_seed()
-        if self.votes == 1:
-            return self.classifier(self.purify(x, seed))
-        xr = x.repeat_interleave(self.votes, dim=0)
-        return self.classifier(self.purify(xr, seed)).reshape(x.shape[0], self.votes, -1).mean(1)
+        return self.outputs(x).logits
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        """The defense's own prediction for one draw: argmax, or DensePure's majority vote."""
-        xr = x.repeat_interleave(self.votes, dim=0)
-        labels = self.classifier(self.purify(xr, seed)).argmax(-1).reshape(x.shape[0], self.votes)
-        return majority_vote(labels, self.num_classes)
-
-
-def sub_seed(seed, *parts: int):
-    """derive_seed for a batch seed (int) or for each row's seed (tuple)."""
-    if isinstance(seed, tuple):
-        return tuple(derive_seed(s, *parts) for s in seed)
-    return derive_seed(seed, *parts)
-
-
-def path_address(seed) -> tuple[int, Streams | None]:
-    """(seed, streams) of the reverse process's Brownian path: a batch seed addresses the batch;
-    row seeds give row r the path of stream derive_seed(seed_r, 1) (width 1), its own whatever
-    batch it runs in."""
-    if isinstance(seed, tuple):
-        return 0, Streams(tuple(derive_seed(s, 1) for s in seed), (0,) * len(seed), 1)
-    return derive_seed(seed, 1), None
-
-
-def gaussian(shape, seed, like: torch.Tensor, rng: str = "cpu") -> torch.Tensor:
-    """Standard normal draws for a batch seed (int) or one seed per row (tuple, CPU stream)."""
-    if isinstance(seed, tuple):
-        if len(seed) != shape[0]:
-            raise SdepureError(f"{len(seed)} row seeds for {shape[0]} rows")
-        rows = [randn(tuple(shape[1:]), s, dtype=like.dtype) for s in seed]
-        return torch.stack(rows).to(like.device)
-    return randn(shape, seed, dtype=like.dtype, device=like.device, rng=rng)
+        """The defense's own prediction in the draw addressed by `seed` (DensePure: the vote)."""
+        return self.defense.predict_clean(x, Streams.batch(seed, x.shape[0]))
 
 
 @torch.no_grad()
-def score_defense(model: AttackedModel, x: torch.Tensor, y: torch.Tensor, draws: int, seed: int,
-                  batch: int) -> dict:
-    """Classify each input with `draws` independent purifications (each a full defense prediction).
-    single: accuracy of the first draw; majority: of the majority label over the draws (ties to
-    the lowest class); any_of_n: DiffHammer's N-evaluation (Wang et al., NeurIPS 2024), an example
-    is broken if ANY of the N draws is wrong, so this is the share right in all N draws."""
+def score_defense(model, x: torch.Tensor, y: torch.Tensor, draws: int, seed: int, batch: int) -> dict:
+    """Classify each input with `draws` independent draws of the defense (each a full prediction;
+    `model` has predict(x, seed), as AttackedModel). single: the single-draw accuracy, the mean
+    over all N draws, with its standard error over the per-example means (an example's draws are
+    correlated, so the examples are the independent units); majority: of the majority label over
+    the draws (ties to the lowest class); any_of_n: DiffHammer's N-evaluation (Wang et al.,
+    NeurIPS 2024), an example is broken if ANY of the N draws is wrong, so this is the share right
+    in all N draws."""
     if draws < 1:
         raise SdepureError(f"draws must be >= 1, got {draws}")
     preds = torch.empty(x.shape[0], draws, dtype=torch.long)
@@ -130,11 +83,13 @@ def score_defense(model: AttackedModel, x: torch.Tensor, y: torch.Tensor, draws:
         for i in range(0, x.shape[0], batch):
             preds[i:i + batch, d] = model.predict(x[i:i + batch], derive_seed(seed, d, i)).cpu()
     right = preds == y.cpu()[:, None]
+    share = right.double().mean(1)  # per example: the share of draws right
+    n = len(share)
+    se = float(share.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
     maj = majority_vote(preds, model.num_classes) == y.cpu()
-    return {"single": float(right[:, 0].double().mean()), "majority": float(maj.double().mean()),
+    return {"single": float(share.mean()), "single_se": se, "majority": float(maj.double().mean()),
             "any_of_n": float(right.all(1).double().mean()), "draws": draws,
-            "per_example": {"single": right[:, 0].tolist(), "majority": maj.tolist(),
-                            "any_of_n": right.all(1).tolist()}}
+            "per_example": {"single": share.tolist(), "majority": maj.tolist(), "any_of_n": right.all(1).tolist()}}
 
 
 def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:

@@ -1,15 +1,16 @@
-"""A seeded Brownian motion on the integer step grid 0..steps, addressed row by row.
+"""Noise addressed row by row (`Streams`), and the seeded Brownian motion on the step grid.
+
+`Streams` says where each row of a batch takes its Gaussian draws from: row r is row `row[r]`
+of the (width, ...) draw seeded by `seed[r]` (and a tag, such as the step index). A batch of
+inputs under one seed is one block (`Streams.batch`); an input with a seed of its own is a block
+of width 1 (`Streams.per_row`); DensePure's K runs of a batch are K blocks (`Streams.runs`). Row
+(seed, row) gets the same numbers whichever other rows are drawn with it, in whatever order, so
+an early-stopped vote, a resumed run or a fixed-randomness attack sees the draws of a plain run.
 
 The reverse solvers integrate in step-index time (see sde.py), so every query the fixed-step
-torchsde methods make is an interval [k, k + 1] with integer ends. Increment k is drawn from a
-generator seeded with derive_seed(seed, k): the path costs nothing to build, needs no memory,
-and gives the same increments when the adjoint queries it again backwards.
-
-`Streams` addresses the noise of each row separately, for DensePure's K runs per noise draw:
-row r of the solve is row `row[r]` of stream `stream[r]`, and increment k of stream s is one
-(width, ...) draw seeded by derive_seed(derive_seed(seed, s), k). Run s of the `width` inputs so
-gets the path of a plain solve of all of them with seed derive_seed(seed, s), whether or not its
-other rows are evaluated and whatever batch it shares (an early-stopped vote relies on this).
+torchsde methods make is an interval [k, k + 1] with integer ends. Increment k of a block is
+drawn from a generator seeded with derive_seed(seed, k): the path costs nothing to build, needs no
+memory, and gives the same increments when the adjoint queries it again backwards.
 """
 from __future__ import annotations
 
@@ -24,70 +25,114 @@ from .rng import Draws, derive_seed, to_device
 
 @dataclass(frozen=True)
 class Streams:
-    """Noise address of each row of a batched solve (see the module docstring)."""
-    stream: tuple[int, ...]
+    """Noise address of each row of a batch (see the module docstring)."""
+    seed: tuple[int, ...]
     row: tuple[int, ...]
     width: int
 
-    @classmethod
-    def blocks(cls, streams, rows, width: int) -> "Streams":
-        """Stream-major rows: for s in streams, for r in rows (the layout of x.repeat(len(streams)))."""
-        streams, rows = [int(s) for s in streams], [int(r) for r in rows]
-        return cls(tuple(s for s in streams for _ in rows), tuple(rows) * len(streams), int(width))
-
     def __post_init__(self):
-        if len(self.stream) != len(self.row):
-            raise SdepureError("Streams: stream and row must have one entry per row")
-        if any(r < 0 or r >= self.width for r in self.row) or any(s < 0 for s in self.stream):
-            raise SdepureError(f"Streams: rows must lie in [0, {self.width}) and streams be >= 0")
+        if len(self.seed) != len(self.row):
+            raise SdepureError("Streams: seed and row must have one entry per row")
+        if any(r < 0 or r >= self.width for r in self.row):
+            raise SdepureError(f"Streams: rows must lie in [0, {self.width})")
+
+    @classmethod
+    def batch(cls, seed: int, n: int) -> "Streams":
+        """n rows drawn together under one seed."""
+        return cls((int(seed),) * n, tuple(range(n)), int(n))
+
+    @classmethod
+    def per_row(cls, seeds) -> "Streams":
+        """One seed per row: each row's draws are its own, whatever batch it runs in."""
+        seeds = tuple(int(s) for s in seeds)
+        return cls(seeds, (0,) * len(seeds), 1)
+
+    def __len__(self) -> int:
+        return len(self.seed)
+
+    def derive(self, *tags: int) -> "Streams":
+        """The same rows under the child seeds derive_seed(seed, *tags)."""
+        child: dict[int, int] = {}
+        for s in self.seed:
+            if s not in child:
+                child[s] = derive_seed(s, *tags)
+        return Streams(tuple(child[s] for s in self.seed), self.row, self.width)
+
+    def take(self, rows) -> "Streams":
+        rows = [int(r) for r in rows]
+        return Streams(tuple(self.seed[r] for r in rows), tuple(self.row[r] for r in rows), self.width)
+
+    def runs(self, runs, votes: int) -> "Streams":
+        """DensePure's layout: for k in runs, every row (run-major, as x.repeat(len(runs))); run k
+        draws from the child seed derive_seed(seed, k), and with one vote from the seed itself."""
+        runs = [int(k) for k in runs]
+        if any(k < 0 or k >= votes for k in runs):
+            raise SdepureError(f"runs must lie in [0, {votes})")
+        blocks = [self if votes == 1 else self.derive(k) for k in runs]
+        return Streams(tuple(s for b in blocks for s in b.seed), self.row * len(runs), self.width)
 
 
-class GridBrownian(BaseBrownian):
-    """W on {0, 1, ..., steps} with W(k + 1) - W(k) ~ N(0, I) of shape `shape`.
-    rng: "cpu" (device-independent values) or "device" (drawn on the device), see rng.py."""
+class RowNoise:
+    """Standard normal draws for rows addressed by `streams`: draw(*tags) gives row r the row
+    streams.row[r] of randn((width, *shape), derive_seed(streams.seed[r], *tags)) (no tags: the
+    seed itself), drawn in `dtype` by `draws`. Index tensors are built once, so that a draw
+    makes no host-to-device copy."""
 
-    def __init__(self, seed: int, shape, dtype=torch.float32, device="cpu", rng: str = "cpu",
-                 streams: Streams | None = None):
-        self.seed = int(seed)
-        self._shape = tuple(shape)
-        self._dtype = dtype
-        self._device = torch.device(device)
-        self._draws = Draws(self._device, rng)
-        self._groups, self._inverse = None, None
-        if streams is not None:
-            self._plan(streams)
-
-    def _plan(self, streams: Streams) -> None:
-        """Index tensors built once, so that a step makes no host-to-device copy."""
-        if len(streams.stream) != self._shape[0]:
-            raise SdepureError(f"Streams address {len(streams.stream)} rows, the solve has {self._shape[0]}")
-        by_stream: dict[int, list[int]] = {}
-        for r, s in enumerate(streams.stream):
-            by_stream.setdefault(s, []).append(r)
-        order = [r for rows in by_stream.values() for r in rows]
+    def __init__(self, streams: Streams, shape, draws: Draws, device="cpu", dtype=torch.float32):
+        self.streams, self.shape, self.draws, self.dtype = streams, tuple(shape), draws, dtype
+        self.device = torch.device(device)
+        by_seed: dict[int, list[int]] = {}
+        for r, s in enumerate(streams.seed):
+            by_seed.setdefault(s, []).append(r)
         self._groups = []
-        for s, rows in by_stream.items():
+        for s, rows in by_seed.items():
             src = [streams.row[r] for r in rows]
-            index = None if src == list(range(streams.width)) else to_device(torch.tensor(src), self._device)
-            self._groups.append((derive_seed(self.seed, s), index))
-        self._width = streams.width
+            index = None if src == list(range(streams.width)) else to_device(torch.tensor(src), self.device)
+            self._groups.append((s, index))
+        order = [r for rows in by_seed.values() for r in rows]
+        self._inverse = None
         if order != list(range(len(order))):
             inverse = torch.empty(len(order), dtype=torch.long)
             inverse[torch.tensor(order)] = torch.arange(len(order))
-            self._inverse = to_device(inverse, self._device)
+            self._inverse = to_device(inverse, self.device)
 
-    def increment(self, k: int) -> torch.Tensor:
-        if self._groups is None:
-            return self._draws.randn(self._shape, derive_seed(self.seed, k)).to(self._dtype)
-        shape = (self._width, *self._shape[1:])
+    def draw(self, *tags: int) -> torch.Tensor:
+        shape = (self.streams.width, *self.shape)
         pieces = []
-        for stream_seed, index in self._groups:
-            z = self._draws.randn(shape, derive_seed(stream_seed, k))
+        for seed, index in self._groups:
+            z = self.draws.randn(shape, derive_seed(seed, *tags) if tags else seed, self.device, self.dtype)
             pieces.append(z if index is None else z.index_select(0, index))
         z = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        if self._inverse is not None:
-            z = z.index_select(0, self._inverse)
-        return z.to(self._dtype)
+        return z if self._inverse is None else z.index_select(0, self._inverse)
+
+
+class GridBrownian(BaseBrownian):
+    """W on {0, 1, ..., steps} with W(k + 1) - W(k) ~ N(0, I) of shape `shape` (rows first),
+    increment k of each row drawn as RowNoise.draw(k) (float32, then cast to `dtype`). `address`:
+    Streams, or an int seed for one block of all rows. draws: the generator (rng.Draws; default
+    the CPU stream)."""
+
+    def __init__(self, address, shape, dtype=torch.float32, device="cpu", draws: Draws | None = None):
+        shape = tuple(shape)
+        streams = Streams.batch(address, shape[0]) if isinstance(address, int) else address
+        if len(streams) != shape[0]:
+            raise SdepureError(f"Streams address {len(streams)} rows, the solve has {shape[0]}")
+        self._shape, self._dtype, self._device = shape, dtype, torch.device(device)
+        self._noise = RowNoise(streams, shape[1:], draws or Draws("cpu"), self._device)
+
+    @classmethod
+    def like(cls, address, x: torch.Tensor, draws: Draws | None = None) -> "GridBrownian":
+        return cls(address, x.shape, x.dtype, x.device, draws)
+
+    def reshaped(self, shape) -> "GridBrownian":
+        """The same path with increments viewed in another shape of the same rows (flattened
+        states for torchsde)."""
+        out = object.__new__(GridBrownian)
+        out._shape, out._dtype, out._device, out._noise = tuple(shape), self._dtype, self._device, self._noise
+        return out
+
+    def increment(self, k: int) -> torch.Tensor:
+        return self._noise.draw(k).reshape(self._shape).to(self._dtype)
 
     @staticmethod
     def _as_step(t) -> int:
@@ -119,7 +164,7 @@ class GridBrownian(BaseBrownian):
         return out if sign > 0 else -out
 
     def __repr__(self):
-        return f"GridBrownian(seed={self.seed}, shape={self._shape})"
+        return f"GridBrownian(shape={self._shape})"
 
     @property
     def dtype(self):

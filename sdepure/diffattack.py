@@ -1,5 +1,6 @@
 """DiffAttack (Kang, Song & Li, NeurIPS 2023) and the deterministic white-box setting (Liu et al.,
-ICLR 2025) on a purified classifier (sdepure.attacks.AttackedModel).
+ICLR 2025) on a purified classifier (sdepure.attacks.AttackedModel over sdepure.defense.Defense,
+which also computes L_dev from the solver's intermediate states).
 
 DiffAttack maximises L = L_cls + lambda L_dev with an APGD-style loop (their Algorithm 2):
 - L_cls: cross-entropy in the first round, DLR (Croce & Hein 2020) in the second;
@@ -26,8 +27,8 @@ DiffAttack maximises L = L_cls + lambda L_dev with an APGD-style loop (their Alg
   reversible_heun), and the ddpm, ddim and dpm-solver-2m samplers have no adjoint. BPDA has no gradient through the states, so DiffAttack
   refuses it, as it refuses purifiers without a reverse process (none, carlini).
 
-Fixed randomness (FixedRandomness): each example's forward noise z and Brownian path are
-fixed, addressed by (seed, example index, vote), and known to the attacker, who attacks and is
+Fixed randomness (FixedRandomness): each example's forward noise z and Brownian paths are
+fixed, addressed by (seed, example index), and known to the attacker, who attacks and is
 evaluated with the same randomness: the defense becomes a deterministic function per example.
 """
 from __future__ import annotations
@@ -39,89 +40,37 @@ import torch
 from torch import nn
 
 from . import settings
-from .attacks import NORMS, AttackedModel, _project, eot_gradient, gaussian, path_address, sub_seed
+from .attacks import NORMS, AttackedModel, _project, eot_gradient
+from .brownian import Streams
+from .defense import Defense, Outputs
 from .errors import SdepureError
-from .purify import majority_vote
-from .rng import derive_seed, generator
-from .solvers import solve
+from .rng import Optimise, derive_seed, generator
 
 CLS_LOSSES = ("ce", "dlr")
 
 
-def check_diffattack(target: AttackedModel) -> None:
-    settings.check_diffattack(target.settings)
-
-
-def vote_seeds(seeds, votes: int):
-    """Per-example seeds -> per-row seeds for the `votes` copies of each example (row b*K + k)."""
-    if isinstance(seeds, tuple):
-        return tuple(derive_seed(s, k) for s in seeds for k in range(votes))
-    return seeds
-
-
-def purify_with_states(target: AttackedModel, x: torch.Tensor, seed) -> tuple[torch.Tensor, torch.Tensor]:
-    """The purification AttackedModel.purify(x, seed) makes (same noise, same path), and each
-    row's deviated-reconstruction loss: the mean over the solver's steps of the mean squared
-    difference between reverse state x'_t and diffusion sample x_t."""
-    check_diffattack(target)
-    p = target.purifier
-    z = gaussian(x.shape, sub_seed(seed, 0), x)
-    x_noisy = x + target.sigma * z
-    path_seed, streams = path_address(seed)
-    x0, states, times = solve(p.model, p.ab ** 0.5 * (2 * x_noisy - 1), p.t_star, p.steps, path_seed, p.solver,
-                              grad=p.grad, adjoint_method=p.adjoint_method, eta=p.eta, rng=p.rng,
-                              streams=streams, precision=p.precision, states=True)
-    ab_t = p.model.schedule.alpha_bar(times)
-    ab_t[times == 0] = 1.0
-    shape = (-1, *([1] * x.dim()))
-    a = ab_t.sqrt().to(x.dtype).to(x.device).reshape(shape)
-    s = (1 - ab_t).clamp_min(0).sqrt().to(x.dtype).to(x.device).reshape(shape)
-    forward = a * (2 * x - 1) + s * z  # (n, B, ...): the diffusion process at the states' times
-    dev = (states - forward).pow(2).flatten(2).mean(-1).mean(0)
-    return (x0.clamp(-1, 1) + 1) / 2, dev
-
-
-def defended(target: AttackedModel, x: torch.Tensor, seed, with_dev: bool = False):
-    """(logits, dev, labels) for examples x under `seed` (an int for the batch, or one seed per
-    example): the logits the attack differentiates (DensePure: the mean over K votes; with an int
-    seed they equal AttackedModel.forward's), with_dev: each example's L_dev (mean over its
-    votes, else None), and the defense's own label in this draw (DensePure: the vote)."""
-    k = target.votes
-    xr = x.repeat_interleave(k, dim=0) if k > 1 else x
-    seeds = vote_seeds(seed, k)
-    if with_dev:
-        purified, dev = purify_with_states(target, xr, seeds)
-    else:
-        purified, dev = target.purify(xr, seeds), None
-    logits = target.classifier(purified)
-    if k > 1:
-        labels = majority_vote(logits.detach().argmax(-1).reshape(x.shape[0], k), target.num_classes)
-        logits = logits.reshape(x.shape[0], k, -1).mean(1)
-        dev = dev.reshape(x.shape[0], k).mean(1) if dev is not None else None
-    else:
-        labels = logits.detach().argmax(-1)
-    return logits, dev, labels
+def check_diffattack(target) -> None:
+    settings.check_diffattack(target.defense.settings)
 
 
 class FixedRandomness(nn.Module):
     """The deterministic white-box defense (Liu et al., ICLR 2025): example i always gets the
-    forward noise and Brownian paths addressed by derive_seed(seed, i) (vote k: derive_seed(...,
-    k)), whatever batch it runs in, and the attacker knows them.
+    draws addressed by derive_seed(seed, i) (its forward noise and Brownian paths, see
+    Defense.forward), whatever batch it runs in, and the attacker knows them.
 
     Queries (from any attack, AutoAttack included) are matched to their example by the nearest
     clean input in the attack's norm; this is unambiguous because every query lies in its
     example's eps-ball and the balls are checked to be disjoint (clean inputs > 2 eps apart)."""
 
-    def __init__(self, target: AttackedModel, anchors: torch.Tensor, ids, seed: int, eps: float,
+    def __init__(self, defense: Defense, anchors: torch.Tensor, ids, seed: int, eps: float,
                  norm: str = "Linf"):
         super().__init__()
         if norm not in NORMS:
             raise SdepureError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
-        self.target, self.norm, self.eps = target, norm, float(eps)
+        self.defense, self.norm, self.eps = defense, norm, float(eps)
         self.anchors = anchors.detach()
         self.ids = [int(i) for i in ids]
         self.seeds = [derive_seed(seed, i) for i in self.ids]
-        self.num_classes = target.num_classes
         if len(self.ids) > 1:
             d = self._distances(self.anchors)
             d.fill_diagonal_(float("inf"))
@@ -132,31 +81,31 @@ class FixedRandomness(nn.Module):
                                    f"{self.ids[i]} and {self.ids[j]} are {gap:.4g} apart ({self.norm}), not more "
                                    f"than 2 eps = {2 * self.eps:.4g}; attack them in separate runs")
 
+    @property
+    def num_classes(self) -> int:
+        return self.defense.num_classes
+
     def _distances(self, x: torch.Tensor) -> torch.Tensor:
         diff = x.reshape(x.shape[0], 1, -1) - self.anchors.reshape(1, self.anchors.shape[0], -1).to(x.device)
         return diff.abs().amax(-1) if self.norm == "Linf" else diff.norm(dim=-1)
 
-    def example_seeds(self, x: torch.Tensor) -> tuple:
+    def streams(self, x: torch.Tensor) -> Streams:
+        """Each query's address: its example's own seed (a block of width 1)."""
         with torch.no_grad():
             nearest = self._distances(x.detach()).argmin(1).tolist()
-        return tuple(self.seeds[j] for j in nearest)
+        return Streams.per_row(self.seeds[j] for j in nearest)
+
+    def outputs(self, x: torch.Tensor, with_dev: bool = False) -> Outputs:
+        return self.defense(x, self.streams(x), with_dev)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return defended(self.target, x, self.example_seeds(x))[0]
-
-    def with_dev(self, x: torch.Tensor, with_dev: bool = True):
-        """defended(...) under the fixed randomness: (logits, dev, labels)."""
-        return defended(self.target, x, self.example_seeds(x), with_dev=with_dev)
+        return self.outputs(x).logits
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """The defense's prediction under the fixed randomness (`seed` is ignored: every draw is
         the same)."""
-        k = self.target.votes
-        xr = x.repeat_interleave(k, dim=0)
-        seeds = vote_seeds(self.example_seeds(x), k)
-        labels = self.target.classifier(self.target.purify(xr, seeds)).argmax(-1).reshape(x.shape[0], k)
-        return majority_vote(labels, self.num_classes)
+        return self.defense.predict_clean(x, self.streams(x))
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -240,16 +189,17 @@ def apgd_round(loss_and_grad: Callable[[torch.Tensor], tuple[torch.Tensor, torch
     return best, best_loss
 
 
-def diffattack(target: AttackedModel, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "Linf",
-               iters: int = 100, eot: int = 20, eot_batch: int | None = None, dev_weight: float = 1.0,
-               losses=CLS_LOSSES, fixed: FixedRandomness | None = None, seed: int = 0,
-               select_draws: int | None = None, progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
+def diffattack(target: AttackedModel | FixedRandomness, x: torch.Tensor, y: torch.Tensor, eps: float,
+               norm: str = "Linf", iters: int = 100, eot: int = 20, eot_batch: int | None = None,
+               dev_weight: float = 1.0, losses=CLS_LOSSES, seed: int = 0, select_draws: int | None = None,
+               progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
     """DiffAttack on the examples x (in [0, 1]) with labels y: one APGD round per classification
     loss in `losses` on L_cls + dev_weight * L_dev, gradients averaged over `eot` draws run
-    `eot_batch` draws at a time as rows (default: all at once). With `fixed`, the defense's
-    randomness is the example's fixed one (the gradient is then exact and eot should be 1).
-    Each example keeps the round whose result the defense gets right least often over
-    `select_draws` fresh draws (default eot; ties to the earlier round)."""
+    `eot_batch` draws at a time as rows (default: all at once). With a FixedRandomness target the
+    defense's randomness is the example's fixed one (the gradient is then exact and eot should
+    be 1). Each example keeps the round whose result the defense gets right least often over
+    `select_draws` fresh draws (default eot; one under fixed randomness; ties to the earlier
+    round)."""
     check_diffattack(target)
     if norm not in NORMS:
         raise SdepureError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
@@ -268,10 +218,7 @@ def diffattack(target: AttackedModel, x: torch.Tensor, y: torch.Tensor, eps: flo
             def rows_loss(rows: torch.Tensor) -> torch.Tensor:
                 nonlocal wrong
                 yr = y.repeat(rows.shape[0] // len(y))
-                if fixed is not None:
-                    logits, dev, labels = fixed.with_dev(rows, dev_weight > 0)
-                else:
-                    logits, dev, labels = defended(target, rows, target.next_seed(), with_dev=dev_weight > 0)
+                logits, dev, labels = target.outputs(rows, dev_weight > 0)
                 wrong = wrong + (labels != yr).to(x.dtype).reshape(-1, len(y)).sum(0)
                 loss = cls_loss(kind, logits, yr)
                 return loss + dev_weight * dev if dev is not None else loss
@@ -286,7 +233,7 @@ def diffattack(target: AttackedModel, x: torch.Tensor, y: torch.Tensor, eps: flo
                                      progress=progress)
         rounds.append(best)
         info["final_loss"][kind] = best_loss.tolist()
-    wrong = torch.stack([_wrong_counts(target, fixed, xa, y, select_draws, derive_seed(seed, 100, r))
+    wrong = torch.stack([_wrong_counts(target, xa, y, select_draws, derive_seed(seed, Optimise.SELECT, r))
                          for r, xa in enumerate(rounds)])  # (rounds, B)
     pick = wrong.argmax(0)  # first maximum: ties to the earlier round
     x_adv = torch.stack(rounds)[pick, torch.arange(len(x))]
@@ -295,8 +242,6 @@ def diffattack(target: AttackedModel, x: torch.Tensor, y: torch.Tensor, eps: flo
 
 
 @torch.no_grad()
-def _wrong_counts(target: AttackedModel, fixed: FixedRandomness | None, x: torch.Tensor, y: torch.Tensor,
-                  draws: int, seed: int) -> torch.Tensor:
-    model = fixed if fixed is not None else target
-    draws = 1 if fixed is not None else draws
-    return sum((model.predict(x, derive_seed(seed, d)) != y).long() for d in range(draws))
+def _wrong_counts(target, x: torch.Tensor, y: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+    draws = 1 if isinstance(target, FixedRandomness) else draws
+    return sum((target.predict(x, derive_seed(seed, d)) != y).long() for d in range(draws))

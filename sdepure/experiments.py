@@ -16,14 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import attacks, diffattack, distributed, purify, report, runs
+from . import attacks, diffattack, distributed, report, runs
 from .classifiers import build_classifier
 from .data import load_dataset, take
+from .defense import Defense
 from .errors import SdepureError
 from .models import build_score_model
 from .models.base import DiffusionModel
 from .progress import Progress
-from .rng import derive_seed
+from .rng import AttackPhase, derive_seed
 from .settings import Attack, Certify, Purifier
 from .smoothing import Smooth, certify_images
 
@@ -85,9 +86,9 @@ def certify(cfg: dict, settings: Certify, device, out: Path | None = None, allow
     device = torch.device(device)
     c = components or load_components(cfg, settings.purifier, device, allow_pickle)
     indices = selected_images(settings, len(c.x))
-    base = purify.build(settings.purifier, c.model, c.classifier, c.num_classes)
-    t_star = getattr(base.purifier, "t_star", None)
-    smooth = Smooth(base.predict, c.num_classes, settings.sigma, rng=settings.purifier.rng)
+    defense = Defense(settings.purifier, c.model, c.classifier, c.num_classes)
+    t_star = defense.t_star
+    smooth = Smooth(defense.predict, c.num_classes, settings.sigma, rng=defense.draws)
     own_shard = runs.Shard(dist.rank, dist.world_size) if dist.active else shard
     own = own_shard.select(indices) if own_shard else indices
     say = echo if dist.is_main else _quiet
@@ -156,7 +157,7 @@ def merge(dirs, out: Path) -> dict:
     report.check_out(out)
     record, rows = runs.collect(dirs)
     s = record["settings"]
-    settings = Certify(purifier=Purifier(**s["purifier"]), **{k: v for k, v in s.items() if k != "purifier"})
+    settings = Certify.from_dict(s)
     cfg = {"name": record.get("config_name"), "source": record.get("config_source")}
     runs.start(out, record)
     runs.write_rows(out / runs.TSV_FILE, rows)
@@ -298,10 +299,11 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
     if not idx:
         raise SdepureError(f"no examples selected: start={s.start} of {len(c.y)}")
     x, y = take(c.x, idx).to(device), c.y[idx].to(device)
-    target = attacks.AttackedModel(p, c.classifier, c.num_classes, c.model, s.seed)
-    fixed = (diffattack.FixedRandomness(target, x, idx, derive_seed(s.seed, 6), s.eps, s.norm)
+    defense = Defense(p, c.model, c.classifier, c.num_classes)
+    target = attacks.AttackedModel(defense, derive_seed(s.seed, AttackPhase.CALLS))
+    fixed = (diffattack.FixedRandomness(defense, x, idx, derive_seed(s.seed, AttackPhase.FIXED), s.eps, s.norm)
              if s.fixed_randomness else None)
-    model = fixed if fixed is not None else target
+    model = fixed if fixed is not None else target  # what the attack queries
     what = ATTACK_NAMES[s.kind].format(version=s.version)
     echo(f"sdepure attack: {what} {s.norm} eps={s.eps:.4g} on {p.method} ({cfg['name']}, {len(idx)} examples "
          f"from {s.start}), t*={p.t_star}, {p.steps} {p.solver} steps, grad={p.grad}"
@@ -325,31 +327,32 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
         broken_by, breakdown = info["broken_by"], info["accuracy_after"]
     else:
         with torch.no_grad():
-            target.reset(derive_seed(s.seed, 1))
+            target.reset(derive_seed(s.seed, AttackPhase.CLEAN_FLAGS))
             clean_flags = [bool(v) for v in _batched(lambda b: model(b).argmax(1), x, s.batch).eq(y).tolist()]
-        target.reset(s.seed)
+        target.reset(derive_seed(s.seed, AttackPhase.CALLS))
         chunks = []
         for i in range(0, len(x), s.batch):
             xb, yb = x[i:i + s.batch], y[i:i + s.batch]
+            batch_seed = derive_seed(s.seed, AttackPhase.OPTIMISE, i)
             if s.kind == "diffattack":
-                xa, _ = diffattack.diffattack(target, xb, yb, s.eps, s.norm, s.pgd_steps, s.eot, s.eot_batch,
-                                              s.dev_weight, fixed=fixed, seed=derive_seed(s.seed, 3, i),
-                                              progress=progress)
+                xa, _ = diffattack.diffattack(model, xb, yb, s.eps, s.norm, s.pgd_steps, s.eot, s.eot_batch,
+                                              s.dev_weight, seed=batch_seed, progress=progress)
             else:
                 xa = attacks.pgd_eot(model, xb, yb, s.eps, s.norm, s.pgd_steps, s.step_size, s.eot,
-                                     derive_seed(s.seed, 3, i), progress=progress, eot_batch=s.eot_batch)
+                                     batch_seed, progress=progress, eot_batch=s.eot_batch)
             chunks.append(xa)
         x_adv = torch.cat(chunks)
-        target.reset(derive_seed(s.seed, 2))
+        target.reset(derive_seed(s.seed, AttackPhase.ROBUST_FLAGS))
         with torch.no_grad():
             robust_flags = [bool(v) for v in _batched(lambda b: model(b).argmax(1), x_adv, s.batch).eq(y).tolist()]
         broken_by = [s.kind if (cl and not r) else None for cl, r in zip(clean_flags, robust_flags)]
         breakdown = {"clean": sum(clean_flags) / len(idx), s.kind: sum(robust_flags) / len(idx)}
     attack_seconds = time.time() - t_attack
 
-    target.reset(s.seed)
-    clean_score = attacks.score_defense(target, x, y, s.score_draws, derive_seed(s.seed, 4), s.batch)
-    adv_score = attacks.score_defense(target, x_adv, y, s.score_draws, derive_seed(s.seed, 5), s.batch)
+    clean_score = attacks.score_defense(target, x, y, s.score_draws, derive_seed(s.seed, AttackPhase.SCORE_CLEAN),
+                                        s.batch)
+    adv_score = attacks.score_defense(target, x_adv, y, s.score_draws, derive_seed(s.seed, AttackPhase.SCORE_ADV),
+                                      s.batch)
     scores = {"fresh": (clean_score, adv_score)}
     if fixed is not None:  # one draw: single = majority = any-of-N
         scores["fixed"] = tuple(attacks.score_defense(fixed, z, y, 1, 0, s.batch) for z in (x, x_adv))
@@ -372,12 +375,13 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
                                               for k, sc in zip(("clean", "adversarial"), scores["fixed"])}
     if out is not None:
         with open(out / "examples.tsv", "w") as fh:
-            fh.write("idx\tlabel\tclean_correct\trobust\tbroken_by\tadv_single_correct\tadv_majority_correct\t"
+            # adv_draws_correct: the share of the score draws right; the other two are 0/1
+            fh.write("idx\tlabel\tclean_correct\trobust\tbroken_by\tadv_draws_correct\tadv_majority_correct\t"
                      "adv_any_of_n_correct\n")
+            per = adv_score["per_example"]
             for j, i in enumerate(idx):
                 fh.write(f"{i}\t{int(y[j])}\t{int(clean_flags[j])}\t{int(robust_flags[j])}\t{broken_by[j] or '-'}\t"
-                         + "\t".join(str(int(adv_score["per_example"][k][j])) for k in ("single", "majority", "any_of_n"))
-                         + "\n")
+                         f"{per['single'][j]:.4g}\t{int(per['majority'][j])}\t{int(per['any_of_n'][j])}\n")
         if save_adv:
             torch.save({"x_adv": x_adv.cpu(), "y": y.cpu(), "idx": torch.tensor(idx)}, out / "adversarial.pt")
     summary["wall_seconds"] = time.time() - t0
@@ -388,13 +392,14 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
 
 def attack_table(what: str, scores: dict, seconds: float, peak_mb: float) -> list[dict]:
     """One row per randomness the result is scored under: "fresh" (score_draws independent
-    purifications: single draw, majority over N, any-of-N = right in all N, DiffHammer's
-    N-evaluation) and, with fixed randomness, "fixed" (the one known draw)."""
+    purifications: the single-draw accuracy over all N draws with its standard error, majority
+    over N, any-of-N = right in all N, DiffHammer's N-evaluation) and, with fixed randomness,
+    "fixed" (the one known draw)."""
     rows = []
     for randomness, (clean, adv) in scores.items():
         row = {"attack": what, "randomness": randomness, "draws": adv["draws"]}
         for name, sc in (("clean", clean), ("robust", adv)):
-            row.update({f"{name}_{k}": sc[k] for k in ("single", "majority", "any_of_n")})
+            row.update({f"{name}_{k}": sc[k] for k in ("single", "single_se", "majority", "any_of_n")})
         row.update({"seconds": seconds, "peak_memory_mb": peak_mb})
         rows.append(row)
     return rows
@@ -402,11 +407,13 @@ def attack_table(what: str, scores: dict, seconds: float, peak_mb: float) -> lis
 
 def table_markdown(rows: list[dict]) -> str:
     """The attack table as markdown (benchmarks and the README)."""
-    head = ("| attack | randomness | clean (1 / maj / all N) | robust single | robust majority | robust any-of-N "
-            "| s | peak MB |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ("| attack | randomness | clean (1 / maj / all N) | robust single (+- SE) | robust majority "
+            "| robust any-of-N | s | peak MB |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for r in rows:
+        se = r.get("robust_single_se", float("nan"))
         lines.append(f"| {r['attack']} | {r['randomness']} | {r['clean_single']:.3f} / {r['clean_majority']:.3f} / "
-                     f"{r['clean_any_of_n']:.3f} | {r['robust_single']:.3f} | {r['robust_majority']:.3f} | "
+                     f"{r['clean_any_of_n']:.3f} | {r['robust_single']:.3f}"
+                     + (f" +- {se:.3f}" if se == se else "") + f" | {r['robust_majority']:.3f} | "
                      f"{r['robust_any_of_n']:.3f} | {r['seconds']:.0f} | {r['peak_memory_mb']:.0f} |")
     return "\n".join(lines)

@@ -41,6 +41,24 @@ def run(fn, x: torch.Tensor, *args, precision: str = "fp32") -> torch.Tensor:
     return out.to(x.dtype)
 
 
+class Autocast(nn.Module):
+    """`module` (a classifier: x -> logits) called under `precision`, results in x's dtype."""
+
+    def __init__(self, module: nn.Module, precision: str):
+        super().__init__()
+        check_precision(precision)
+        self.module, self.precision = module, precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run(self.module, x, precision=self.precision)
+
+
+def with_precision(module: nn.Module, precision: str) -> nn.Module:
+    """The module itself at fp32, else its Autocast wrapper."""
+    check_precision(precision)
+    return module if precision == "fp32" else Autocast(module, precision)
+
+
 def prepare(module: nn.Module, channels_last: bool | None = None) -> nn.Module:
     """Convert `module`'s 4-D weights to channels_last in place when asked, or (None) when it holds
     convolutions and lives on CUDA. Returns the module."""

@@ -2,13 +2,30 @@
 
 Nothing here touches a global RNG; every random tensor in sdepure comes from a torch.Generator
 seeded with `derive_seed(...)`. Two streams, chosen by `rng`:
-- "cpu" (default): drawn by a CPU generator and moved to the device, so a result depends only
-  on its address, not on the device or on what else ran before it;
+- "cpu": drawn by a CPU generator and moved to the device, so a result depends only on its
+  address, not on the device or on what else ran before it;
 - "device": drawn on the target device by a generator of that device seeded with the same
   address: no host-to-device copy per draw (what a CUDA run wants), but the values differ
   between device types (on the CPU the two streams coincide).
+
+The address tree. Every seed is derive_seed(parent, tag or counter, ...); the tags of each level
+are named once, below, and no two children of one parent share a tuple, so no draw can reuse
+another's seed. Values are those of earlier versions except the attack's call counter, which
+used to sit beside the attack's phases under the run seed (call c had the seed of phase c).
+
+    certify run seed -> image i                      derive_seed(seed, i)
+      image -> Smoothing.SELECT / ESTIMATE / PREDICT   derive_seed(image, phase)
+        phase -> batch b -> Batch.NOISE / BASE       derive_seed(phase, b, tag); BASE is a draw seed
+    attack run seed -> AttackPhase.CLEAN_FLAGS, ROBUST_FLAGS, SCORE_CLEAN, SCORE_ADV, FIXED, CALLS
+                       -> call counter c             derive_seed(phase, c)  (a draw seed)
+                    -> AttackPhase.OPTIMISE, batch start i  derive_seed(seed, OPTIMISE, i)
+    draw seed (one call of the defense) -> Draw.FORWARD (forward noise to t*), Draw.PATH
+      path -> run k of K > 1                          derive_seed(path, k)  (K = 1: the path itself)
+        stream -> step k                              derive_seed(stream, k)
 """
 from __future__ import annotations
+
+from enum import IntEnum, unique
 
 import torch
 
@@ -16,6 +33,47 @@ from .errors import SdepureError
 
 _MASK = (1 << 64) - 1
 RNGS = ("cpu", "device")
+
+
+@unique
+class Smoothing(IntEnum):
+    """Phases of one image's CERTIFY / PREDICT (children of the image's seed)."""
+    SELECT = 0
+    ESTIMATE = 1
+    PREDICT = 2
+
+
+@unique
+class Batch(IntEnum):
+    """Within batch b of a smoothing phase: derive_seed(phase, b, tag)."""
+    NOISE = 0   # the smoothing noise
+    BASE = 1    # the base classifier's draw seed
+
+
+@unique
+class Draw(IntEnum):
+    """One call of the defense on clean inputs (attacks): forward noise, then the reverse paths."""
+    FORWARD = 0
+    PATH = 1
+
+
+@unique
+class AttackPhase(IntEnum):
+    """Phases of an attack run (children of the run's seed)."""
+    CLEAN_FLAGS = 1
+    ROBUST_FLAGS = 2
+    OPTIMISE = 3        # per batch of examples: derive_seed(seed, OPTIMISE, batch start)
+    SCORE_CLEAN = 4
+    SCORE_ADV = 5
+    FIXED = 6           # fixed randomness: example i's draw seed is derive_seed(phase, i)
+    CALLS = 7           # the attacked model's calls during optimisation
+
+
+@unique
+class Optimise(IntEnum):
+    """Within one batch's optimisation (DiffAttack): round r starts from derive_seed(batch, r),
+    and the round's result is judged on draws derive_seed(batch, SELECT, r, d)."""
+    SELECT = 100
 
 
 def _splitmix64(x: int) -> int:
@@ -54,25 +112,32 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 class Draws:
-    """Standard normal draws addressed by seeds, on `device`, from the `rng` stream. Keeps one
-    generator and re-seeds it per draw (re-seeding neither allocates nor synchronises)."""
+    """Standard normal draws addressed by seeds, from the `rng` stream, on any device. Keeps one
+    generator per device and re-seeds it per draw (re-seeding neither allocates nor synchronises).
+    One object is made where a defense or solve is set up and passed down; tests replace it."""
 
-    def __init__(self, device="cpu", rng: str = "cpu"):
+    def __init__(self, rng: str = "cpu"):
         check_rng(rng)
-        self.device, self.rng = torch.device(device), rng
-        # the meta device (used by tests to catch host reads) has no generator
-        self._device_gen = rng == "device" and self.device.type != "meta"
-        self._gen = torch.Generator(device=self.device if self._device_gen else "cpu")
+        self.rng = rng
+        self._gens: dict[torch.device, torch.Generator] = {}
 
-    def randn(self, shape, seed: int, dtype=torch.float32) -> torch.Tensor:
-        self._gen.manual_seed(seed)
-        if self._device_gen:
-            return torch.randn(shape, generator=self._gen, dtype=dtype, device=self.device)
-        if self.rng == "device":  # meta tensors have shapes, no values
-            return torch.randn(shape, dtype=dtype, device=self.device)
-        return to_device(torch.randn(shape, generator=self._gen, dtype=dtype), self.device)
+    def _generator(self, device: torch.device) -> torch.Generator:
+        g = self._gens.get(device)
+        if g is None:
+            g = self._gens[device] = torch.Generator(device=device)
+        return g
+
+    def randn(self, shape, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+        device = torch.device(device)
+        if self.rng == "device":
+            if device.type == "meta":  # meta tensors have shapes, no values (tests catch host reads)
+                return torch.randn(shape, dtype=dtype, device=device)
+            return torch.randn(shape, generator=self._generator(device).manual_seed(seed), dtype=dtype,
+                               device=device)
+        z = torch.randn(shape, generator=self._generator(torch.device("cpu")).manual_seed(seed), dtype=dtype)
+        return z if device.type == "cpu" else to_device(z, device)
 
 
 def randn(shape, seed: int, dtype=torch.float32, device="cpu", rng: str = "cpu") -> torch.Tensor:
     """Standard normal tensor addressed by `seed`; with rng="cpu", identical values on every device."""
-    return Draws(device, rng).randn(shape, seed, dtype)
+    return Draws(rng).randn(shape, seed, device, dtype)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import SdepureError
 from .report import TSV_HEADER
+from .settings import Certify
 from .smoothing import format_row
 
 RUN_FILE = "run.json"
@@ -87,7 +88,7 @@ def make_record(settings: dict, cfg: dict, images: list[int], shard: Shard | Non
     (only its model/classifier/data tables are compared); `info`: anything else worth keeping
     (device, t_star, ...), never compared."""
     return _canonical({
-        "format": FORMAT, "version": VERSION, "settings": settings,
+        "format": FORMAT, "version": VERSION, "settings": full_settings(settings),
         "config": {k: cfg.get(k, {}) for k in CONFIG_TABLES},
         "config_name": cfg.get("name"), "config_source": cfg.get("source"),
         "shard": shard.to_dict() if shard else None, "world_size": int(world_size),
@@ -100,20 +101,10 @@ def record_shard(record: dict) -> Shard | None:
 
 
 def config_from_record(record: dict) -> dict:
-    """A config equal to the one the run was started with: its model/classifier/data tables and
-    the run's settings as [method] and [certify] tables (to resume without repeating flags)."""
-    s = record["settings"]
-    p = s["purifier"]
-    method = {"name": p["method"], "sigma": p["sigma"], "votes": p["votes"], "steps": p["steps"],
-              "solver": p["solver"]}
-    if p.get("t_rule") is not None:
-        method["t_rule"] = p["t_rule"]
-    for key in ("eta", "precision"):  # absent from records written before they existed
-        if key in p:
-            method[key] = p[key]
-    certify = {k: s[k] for k in ("n0", "n", "alpha", "batch", "start", "stop", "skip") if s.get(k) is not None}
+    """The config the run was started with, as far as it decides rows: its model, classifier and
+    data tables (the settings come from the record itself: settings.Certify.from_dict)."""
     return {"name": record.get("config_name") or "run", "source": record.get("config_source") or "",
-            **json.loads(json.dumps(record["config"])), "method": method, "certify": certify}
+            **json.loads(json.dumps(record["config"]))}
 
 
 def write_record(run_dir: Path, record: dict) -> None:
@@ -146,7 +137,17 @@ def load_record(run_dir: Path) -> dict:
     if record.get("version") != VERSION:
         raise SdepureError(f"{path} has run-record version {record.get('version')}; "
                            f"this sdepure reads version {VERSION}")
+    try:
+        record["settings"] = full_settings(record.get("settings"))
+    except SdepureError as e:
+        raise SdepureError(f"{path}: its settings do not read as a certify run's ({e})") from None
     return record
+
+
+def full_settings(settings: dict) -> dict:
+    """Every setting, as JSON reads it back; those a record from an older sdepure lacks take the
+    values that run had (settings.record_defaults)."""
+    return _canonical(Certify.from_dict(settings).to_dict())
 
 
 def _diff(a, b, name: str, out: list) -> None:

@@ -21,7 +21,6 @@ import math
 import torch
 from torch import nn
 
-from . import precision as _precision
 from .errors import SdepureError
 from .models.base import DiffusionModel
 
@@ -65,13 +64,13 @@ def _as_float(k) -> float:
     return float(k.detach()) if torch.is_tensor(k) else float(k)
 
 
-def network_call(fn, x: torch.Tensor, t: float, exact: bool = False, precision: str = "fp32") -> torch.Tensor:
-    """fn(x, t) for a model method fn (eps, score or x0) at the Python float time t. exact: recompute
-    it in backward, gradient to x only (see _Recomputed)."""
+def network_call(fn, x: torch.Tensor, t: float, exact: bool = False) -> torch.Tensor:
+    """fn(x, t) for a model method fn (eps, score, x0 or eps_variance) at the Python float time t.
+    exact: recompute it in backward, gradient to x only (see _Recomputed)."""
     t_vec = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)  # a fill: no host read
 
     def call(x):
-        return _precision.run(fn, x, t_vec, precision=precision)
+        return fn(x, t_vec)
     if exact and torch.is_grad_enabled():
         return recomputed(call, x)
     return call(x)
@@ -80,13 +79,10 @@ def network_call(fn, x: torch.Tensor, t: float, exact: bool = False, precision: 
 class _IndexTime(nn.Module):
     """Shared by the SDE and the ODE: maps step index k to physical time t on the grid."""
 
-    def __init__(self, model: DiffusionModel, t_grid: torch.Tensor, shape, checkpoint: bool = False,
-                 precision: str = "fp32"):
+    def __init__(self, model: DiffusionModel, t_grid: torch.Tensor, shape, checkpoint: bool = False):
         super().__init__()
-        _precision.check_precision(precision)
         self.model = model
         self.checkpoint = checkpoint  # exact gradients: recompute each network call in backward
-        self.precision = precision
         self.t_grid = t_grid
         self._t = [float(t) for t in t_grid]  # Python floats: reading them never synchronises
         self.h = self._t[0] - self._t[1]
@@ -112,7 +108,7 @@ class _IndexTime(nn.Module):
         t = self.physical_time(k)
         beta = self.beta(t)
         x = y.reshape(self.shape)
-        score = network_call(self.model.score, x, t, self.checkpoint, self.precision)
+        score = network_call(self.model.score, x, t, self.checkpoint)
         return (self.h * beta * (0.5 * x + score_weight * score)).reshape(y.shape)
 
 
@@ -120,8 +116,8 @@ class ReverseVPSDE(_IndexTime):
     noise_type = "diagonal"
 
     def __init__(self, model: DiffusionModel, t_grid: torch.Tensor, shape, sde_type: str = "ito",
-                 checkpoint: bool = False, precision: str = "fp32"):
-        super().__init__(model, t_grid, shape, checkpoint, precision)
+                 checkpoint: bool = False):
+        super().__init__(model, t_grid, shape, checkpoint)
         self.sde_type = sde_type
         self._memo = None
 

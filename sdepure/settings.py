@@ -21,7 +21,7 @@ from .errors import SdepureError
 from .precision import PRECISIONS
 from .rng import RNGS
 from .schedules import T_RULES
-from .solvers import NO_ADJOINT, ODE_METHODS, SDE_METHODS, SOLVERS, check_adjoint_method
+from .solvers import NO_ADJOINT, ODE_METHODS, SDE_METHODS, SOLVERS, VARIANCES, check_adjoint_method
 
 METHODS = ("none", "carlini", "diffpure", "densepure")
 REVERSE_METHODS = ("diffpure", "densepure")  # methods that run the reverse process
@@ -29,6 +29,7 @@ GRAD_MODES = ("exact", "adjoint", "bpda", "ode")
 NORMS = ("Linf", "L2")
 AA_VERSIONS = ("standard", "rand")
 ATTACK_KINDS = ("autoattack", "pgd", "bpda", "diffattack")
+VARIANCE_CHOICES = ("auto", *VARIANCES)
 
 
 def _name(key: str) -> str:
@@ -75,6 +76,23 @@ def _choice(key: str, value: Any, choices) -> Any:
     return value
 
 
+def record_defaults(d: dict) -> dict:
+    """What a record written before a setting existed ran with, so an old run resumes as it ran:
+    the posterior variance for ddpm steps (learned variance came later; auto elsewhere, where it
+    means the same) and the CPU stream (the only one then)."""
+    ddpm = d.get("solver") == "ddpm" and d.get("method") in REVERSE_METHODS
+    return {"variance": "posterior" if ddpm else "auto", "rng": "cpu"}
+
+
+def _known(cls, d: dict) -> dict:
+    if not isinstance(d, dict):
+        raise SdepureError(f"{cls.__name__} settings must be a table, got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise SdepureError(f"unknown {cls.__name__.lower()} setting {unknown[0]!r} (a record from a newer sdepure?)")
+    return dict(d)
+
+
 @dataclass(frozen=True)
 class Purifier:
     """How inputs are purified. `sigma` (smoothing noise on [0, 1] images) fixes t* through the
@@ -92,6 +110,7 @@ class Purifier:
     precision: str = "fp32"     # autocast of the score network and classifier (precision.py)
     rng: str = "device"         # draws on the device ("cpu": the device-independent CPU stream)
     early_stop: bool = True     # DensePure: stop a draw's vote once its winner is decided (exact)
+    variance: str = "auto"      # ddpm's step variance: learned where the model has it, else posterior
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise once)
@@ -127,12 +146,26 @@ class Purifier:
         _choice("rng", self.rng, RNGS)
         if not isinstance(self.early_stop, bool):
             raise SdepureError(f"early_stop must be true or false, got {self.early_stop!r}")
+        _choice("variance", self.variance, VARIANCE_CHOICES)
+        if self.variance != "auto" and (self.method not in REVERSE_METHODS or self.solver != "ddpm"):
+            what = f"solver {self.solver}" if self.method in REVERSE_METHODS else f"method {self.method}"
+            raise SdepureError(f"--variance {self.variance} applies to the ddpm solver of diffpure and densepure "
+                               f"only ({what}; its noise does not come from a ddpm step variance)")
         if self.adjoint_method is not None:
             if self.grad != "adjoint":
                 raise SdepureError("--adjoint-method applies to --grad adjoint only")
             if self.solver not in SDE_METHODS:
                 raise SdepureError(f"--adjoint-method applies to torchsde solvers, not {self.solver!r}")
             check_adjoint_method(self.solver, self.adjoint_method)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Purifier":
+        """From to_dict's output; a key a record written before it existed takes record_defaults."""
+        d = _known(cls, d)
+        return cls(**{**record_defaults(d), **d})
 
     @property
     def solver_grad(self) -> str | None:
@@ -183,6 +216,11 @@ class Certify:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Certify":
+        d = _known(cls, d)
+        return cls(**{**d, "purifier": Purifier.from_dict(d.get("purifier", {}))})
 
 
 PGD_BUDGET = {"pgd": {"pgd_steps": 200, "eot": 20, "step_size": 0.007},
@@ -285,6 +323,11 @@ class Attack:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Attack":
+        d = _known(cls, d)
+        return cls(**{**d, "purifier": Purifier.from_dict(d.get("purifier", {}))})
+
 
 # -- from a config's tables and the command line -------------------------------------------
 
@@ -309,27 +352,35 @@ def _given(overrides: dict) -> dict:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
-def certify_from_config(cfg: dict, overrides: dict) -> Certify:
+# the flat names of certify's [method] table and command line -> Purifier fields
+CERTIFY_METHOD_KEYS = {"name": "method", "sigma": "sigma", "votes": "votes", "steps": "steps", "solver": "solver",
+                       "t_rule": "t_rule", "eta": "eta", "precision": "precision", "rng": "rng",
+                       "early_stop": "early_stop", "variance": "variance"}
+
+
+def certify_from_config(cfg: dict, overrides: dict, base: Certify | None = None) -> Certify:
     """Certify settings from defaults < the config's [method] and [certify] < overrides (flat
-    names: name, sigma, votes, steps, solver, t_rule, eta, precision, n0, n, alpha, batch, start,
-    stop, skip, seed)."""
+    names: the keys of CERTIFY_METHOD_KEYS and of [certify], and seed). With `base` (a run's
+    recorded settings), base < overrides: the config's tables are not read."""
     cert_keys = set(CERTIFY_DEFAULTS["certify"])
-    method_keys = {"name", "sigma", "votes", "steps", "solver", "t_rule", "eta", "precision", "rng", "early_stop"}
     over = _given(overrides)
-    m = {**CERTIFY_DEFAULTS["method"], **_table(cfg, "method", method_keys),
-         **{k: v for k, v in over.items() if k in method_keys}}
-    c = {**CERTIFY_DEFAULTS["certify"], **_table(cfg, "certify", cert_keys),
-         **{k: v for k, v in over.items() if k in cert_keys}}
+    if base is None:
+        fields_, seed = {}, 0
+        m = {**CERTIFY_DEFAULTS["method"], **_table(cfg, "method", CERTIFY_METHOD_KEYS)}
+        c = {**CERTIFY_DEFAULTS["certify"], **_table(cfg, "certify", cert_keys)}
+    else:
+        fields_, seed = base.purifier.to_dict(), base.seed
+        m = {flat: fields_[name] for flat, name in CERTIFY_METHOD_KEYS.items()}
+        c = {k: getattr(base, k) for k in cert_keys}
+    m.update({k: v for k, v in over.items() if k in CERTIFY_METHOD_KEYS})
+    c.update({k: v for k, v in over.items() if k in cert_keys})
     if m["name"] != "densepure":
         if over.get("votes") not in (None, 1):
             _choice("method", m["name"], METHODS)
             raise SdepureError(f"--votes applies to densepure only (method is {m['name']})")
         m["votes"] = 1
-    purifier = Purifier(method=m["name"], sigma=m["sigma"], votes=m["votes"], steps=m["steps"],
-                        solver=m["solver"], t_rule=m.get("t_rule"), eta=m.get("eta", 0.0),
-                        precision=m.get("precision", "fp32"), rng=m.get("rng", "device"),
-                        early_stop=m.get("early_stop", True))
-    return Certify(purifier=purifier, seed=over.get("seed", 0), **c)
+    purifier = Purifier(**{**fields_, **{CERTIFY_METHOD_KEYS[k]: v for k, v in m.items()}})
+    return Certify(purifier=purifier, seed=over.get("seed", seed), **c)
 
 
 def attack_from_config(cfg: dict, kind: str | None, overrides: dict) -> Attack:
@@ -338,7 +389,7 @@ def attack_from_config(cfg: dict, kind: str | None, overrides: dict) -> Attack:
     if kind is None:
         raise SdepureError("choose an attack: --autoattack, --pgd, --bpda or --diffattack")
     purifier_keys = {"method", "t_star", "votes", "steps", "solver", "t_rule", "grad", "adjoint_method", "eta",
-                     "precision", "rng"}
+                     "precision", "rng", "variance"}
     attack_keys = {f.name for f in dataclasses.fields(Attack)} - {"purifier", "kind", "seed"}
     over = _given(overrides)
     table = _table(cfg, "attack", purifier_keys | attack_keys)

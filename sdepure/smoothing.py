@@ -3,8 +3,9 @@
 The smoothed classifier g(x) = argmax_c P(f(x + delta) = c), delta ~ N(0, sigma^2 I), is
 certified at x with L2 radius sigma * Phi^-1(pA_lower), where pA_lower is a one-sided
 (1 - alpha) Clopper-Pearson lower bound on P(f(x + delta) = cA).
-Randomness: batch b of phase p draws its noise and the base classifier's seed from
-derive_seed(seed, p, b, .), so a result depends on (seed, n0, n, batch), nothing else.
+Randomness (the address tree in rng.py): batch b of phase p (rng.Smoothing) draws its noise and
+the base classifier's seed from derive_seed(phase, b, rng.Batch.NOISE / BASE), so a result
+depends on (seed, n0, n, batch), nothing else.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
 
 from .errors import SdepureError
-from .rng import check_rng, derive_seed, randn
+from .rng import Batch, Draws, Smoothing, derive_seed
 
 ABSTAIN = -1
 BaseClassifier = Callable[[torch.Tensor, int], torch.Tensor]  # (noisy batch, seed) -> labels
@@ -40,13 +41,14 @@ def check_params(sigma: float, alpha: float, n0: int, n: int, batch: int) -> Non
 
 class Smooth:
     """rng: "cpu" draws the smoothing noise from the device-independent CPU stream, "device" on
-    the input's device from the same addresses (see rng.py)."""
+    the input's device from the same addresses (see rng.py); or the rng.Draws object to use
+    (the defense's own)."""
 
-    def __init__(self, base: BaseClassifier, num_classes: int, sigma: float, rng: str = "cpu"):
+    def __init__(self, base: BaseClassifier, num_classes: int, sigma: float, rng: str | Draws = "cpu"):
         if not sigma > 0:
             raise SdepureError(f"sigma must be > 0, got {sigma}")
-        check_rng(rng)
-        self.base, self.num_classes, self.sigma, self.rng = base, num_classes, float(sigma), rng
+        self.draws = rng if isinstance(rng, Draws) else Draws(rng)
+        self.base, self.num_classes, self.sigma = base, num_classes, float(sigma)
 
     def sample_counts(self, x: torch.Tensor, num: int, batch: int, seed: int,
                       progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -54,8 +56,8 @@ class Smooth:
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for b, start in enumerate(range(0, num, batch)):
             m = min(batch, num - start)
-            noise = randn((m, *x.shape), derive_seed(seed, b, 0), dtype=x.dtype, device=x.device, rng=self.rng)
-            labels = self.base(x.unsqueeze(0) + self.sigma * noise, derive_seed(seed, b, 1))
+            noise = self.draws.randn((m, *x.shape), derive_seed(seed, b, Batch.NOISE), x.device, x.dtype)
+            labels = self.base(x.unsqueeze(0) + self.sigma * noise, derive_seed(seed, b, Batch.BASE))
             counts += np.bincount(labels.cpu().numpy(), minlength=self.num_classes)
             if progress:
                 progress(m)
@@ -65,9 +67,9 @@ class Smooth:
                 progress: Callable[[int], None] | None = None) -> tuple[int, float, dict]:
         """(prediction or ABSTAIN, certified L2 radius, details)."""
         check_params(self.sigma, alpha, n0, n, batch)
-        counts0 = self.sample_counts(x, n0, batch, derive_seed(seed, 0), progress)
+        counts0 = self.sample_counts(x, n0, batch, derive_seed(seed, Smoothing.SELECT), progress)
         c_a = int(counts0.argmax())
-        counts = self.sample_counts(x, n, batch, derive_seed(seed, 1), progress)
+        counts = self.sample_counts(x, n, batch, derive_seed(seed, Smoothing.ESTIMATE), progress)
         n_a = int(counts[c_a])
         p_lower = lower_confidence_bound(n_a, n, alpha)
         info = {"n_a": n_a, "p_a_lower": p_lower, "guess": c_a}
@@ -78,7 +80,7 @@ class Smooth:
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch: int, seed: int) -> int:
         """Cohen's PREDICT: abstain unless the top label beats the runner-up at level alpha."""
         check_params(self.sigma, alpha, 1, n, batch)
-        counts = self.sample_counts(x, n, batch, derive_seed(seed, 2))
+        counts = self.sample_counts(x, n, batch, derive_seed(seed, Smoothing.PREDICT))
         top2 = counts.argsort()[::-1][:2]
         n_a, n_b = int(counts[top2[0]]), int(counts[top2[1]])
         if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha:

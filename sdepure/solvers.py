@@ -1,19 +1,22 @@
-"""Reverse-process solvers: pure functions of (model, x_t, time grid, seed) -> x at t_end.
+"""Reverse-process solvers: pure functions of (model, x_t, time grid, noise) -> x at t_end.
 
 - torchsde methods on the reverse VP-SDE (`euler`, `milstein`, `heun`, `midpoint`,
-  `euler_heun`, `reversible_heun`), driven by a GridBrownian addressed by `seed`;
+  `euler_heun`, `reversible_heun`), driven by a GridBrownian;
 - probability-flow ODE methods (`ode-euler`, `ode-midpoint`, `ode-rk4`, `ode-dopri5`),
   deterministic: the fixed-step ones run here with torchdiffeq's formulas (its loop compares
   device tensors every step), dopri5 and the adjoint run in torchdiffeq;
 - samplers on the time subsequence of `ddpm_times` (DensePure's rule; the model's own timesteps on
-  a table): `ddpm`, DDPM ancestral sampling as DensePure's authors ran it; `ddim`, DDIM
-  (Song et al. 2021), deterministic at eta = 0; `dpm-solver-2m`, DPM-Solver++(2M) (Lu et al. 2022),
-  a second-order multistep solver of the probability-flow ODE in data prediction.
-All take and return [-1, 1] images of any shape (batch first).
+  a table): `ddpm`, DDPM ancestral sampling as DensePure's authors ran it (with the model's learned
+  variance where it has one, `variance="learned"`); `ddim`, DDIM (Song et al. 2021), deterministic
+  at eta = 0; `dpm-solver-2m`, DPM-Solver++(2M) (Lu et al. 2022), a second-order multistep solver
+  of the probability-flow ODE in data prediction.
+All take and return [-1, 1] images of any shape (batch first). A `Sampler` names the method and
+its options; the noise is a GridBrownian made by the caller (its address and generator bound
+there), and the network's precision is bound into the model (models.base.with_precision).
 
 Hot paths queue device work only: step times and coefficients are Python floats computed before
 the loop, times handed to torchsde live on the CPU, and the Gaussian draws can be made on the
-device (rng="device").
+device (rng.Draws("device")).
 
 Exact gradients (grad="exact") are input-only at every step count and for every method: each
 network call is recomputed in backward by sde.recomputed, and one-state methods from SEGMENT_FROM
@@ -23,17 +26,16 @@ gradient, as with the adjoint.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torchdiffeq
 import torchsde
 from torch import nn
 
-from . import precision as _precision
-from .brownian import GridBrownian, Streams
+from .brownian import GridBrownian
 from .errors import SdepureError
 from .models.base import DiffusionModel
-from .rng import check_rng
 from .schedules import DiscreteVP
 from .sde import ProbabilityFlowODE, ReverseVPSDE, network_call, recomputed, time_grid
 
@@ -43,6 +45,9 @@ ODE_METHODS = {"ode-euler": "euler", "ode-midpoint": "midpoint", "ode-rk4": "rk4
 SUBSEQUENCE_METHODS = ("ddpm", "ddim", "dpm-solver-2m")
 SOLVERS = (*SDE_METHODS, *ODE_METHODS, *SUBSEQUENCE_METHODS)
 NO_ADJOINT = SUBSEQUENCE_METHODS  # written here step by step: exact gradients only
+# the ddpm step's variance: the model's own interpolation (Nichol & Dhariwal 2021, eq. 15), the
+# posterior variance beta~ (DDPM's sigma^2 = beta~), or beta (DDPM's other fixed choice)
+VARIANCES = ("learned", "posterior", "beta")
 
 
 def check_solver(method: str) -> None:
@@ -73,17 +78,71 @@ def check_eta(eta: float) -> None:
         raise SdepureError(f"ddim eta must be in [0, 1], got {eta!r}")
 
 
+def check_variance(method: str, variance: str) -> None:
+    """The step variance is a choice of the ddpm sampler only: ddim's comes from eta, and the other
+    solvers follow the SDE or the probability-flow ODE, whose noise is fixed by beta(t)."""
+    if variance not in VARIANCES:
+        raise SdepureError(f"unknown variance {variance!r}; choose from {', '.join(VARIANCES)}")
+    if method != "ddpm" and variance != "posterior":
+        raise SdepureError(f"variance {variance} applies to the ddpm solver only (solver is {method})")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How the reverse process is solved: `method` (SOLVERS) over `steps` steps, ddim's noise level
+    `eta`, ddpm's step `variance`, the adjoint's backward scheme, and whether the subsequence
+    samplers clip their x0 predictions to [-1, 1] (images)."""
+    method: str = "euler"
+    steps: int = 10
+    eta: float = 0.0
+    variance: str = "posterior"
+    adjoint_method: str | None = None
+    clip_x0: bool = True
+
+    def __post_init__(self):
+        check_solver(self.method)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise SdepureError(f"steps must be an integer >= 1, got {self.steps!r}")
+        check_eta(self.eta)
+        if self.method != "ddim" and self.eta != 0.0:
+            raise SdepureError(f"eta applies to the ddim solver only (solver is {self.method})")
+        check_variance(self.method, self.variance)
+        check_adjoint_method(self.method, self.adjoint_method)
+
+    @property
+    def deterministic(self) -> bool:
+        """No noise: the same input always gives the same output (PF-ODE solvers, dpm-solver-2m,
+        ddim at eta = 0, and one ddpm step: the x0 prediction)."""
+        return (self.method in ODE_METHODS or self.method == "dpm-solver-2m"
+                or (self.method == "ddim" and self.eta == 0.0) or (self.method == "ddpm" and self.steps == 1))
+
+    def times(self, schedule, t_start: float) -> torch.Tensor:
+        """The float64 times of the states after steps 1..n (what solve(..., states=True) returns)."""
+        if self.method in SUBSEQUENCE_METHODS:
+            return ddpm_times(schedule, t_start, self.steps)[1:]
+        return time_grid(t_start, 0.0, self.steps)[1:]
+
+
 def _step_times(steps: int, dtype) -> torch.Tensor:
     # on the CPU whatever the state's device: torchsde hands these times to f, g and the Brownian
     # motion, and reading a CPU scalar is no device synchronisation
     return torch.tensor([0.0, float(steps)], dtype=dtype)
 
 
-def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
+def _brownian(noise, x: torch.Tensor) -> GridBrownian:
+    """The caller's GridBrownian, or one block of the CPU stream for an int seed."""
+    if isinstance(noise, GridBrownian):
+        return noise
+    if isinstance(noise, int) and not isinstance(noise, bool):
+        return GridBrownian.like(noise, x)
+    raise SdepureError("this solver draws noise: pass noise=GridBrownian(...) or an int seed")
+
+
+def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, noise,
                 method: str = "euler", t_end: float = 0.0, grad: str | None = None,
-                adjoint_method: str | None = None, *, rng: str = "cpu", streams: Streams | None = None,
-                precision: str = "fp32", states: bool = False):
-    """One reverse VP-SDE solve per row from t_start to t_end with torchsde.
+                adjoint_method: str | None = None, states: bool = False):
+    """One reverse VP-SDE solve per row from t_start to t_end with torchsde, increment k of the
+    path being increment k of `noise` (a GridBrownian of x's shape, or an int seed).
 
     grad=None: torchsde.sdeint. grad="exact": the same solve, differentiated by autograd with
     two levels of recomputation: each network call is recomputed in backward, and from
@@ -94,15 +153,13 @@ def reverse_sde(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: i
     grad="adjoint": torchsde.sdeint_adjoint on the same grid and Brownian path, no gradient
     into the network's weights; adjoint_method defaults to the forward method's own scheme
     (adjoint_reversible_heun for reversible_heun: exact up to floating point).
-    rng, streams: how the Brownian increments are drawn and addressed (brownian.GridBrownian).
     states=True returns (x at t_end, the states after steps 1..steps stacked on a new first axis),
     differentiable in every gradient mode (see _sde_states)."""
     check_adjoint_method(method, adjoint_method)
     grid = time_grid(t_start, t_end, steps)
-    sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method], checkpoint=grad == "exact",
-                       precision=precision)
+    sde = ReverseVPSDE(model, grid, x.shape, sde_type=SDE_METHODS[method], checkpoint=grad == "exact")
     y0 = x.reshape(x.shape[0], -1)
-    bm = GridBrownian(seed, y0.shape, dtype=y0.dtype, device=y0.device, rng=rng, streams=streams)
+    bm = _brownian(noise, x).reshaped(y0.shape)
     if states:
         return _as_states(_sde_states(sde, y0, bm, method, steps, grad, adjoint_method), x.shape)
     if grad == "adjoint":
@@ -197,13 +254,13 @@ def _ode_steps(func: ProbabilityFlowODE, y: torch.Tensor, inner: str, k0: int, k
 
 def reverse_ode(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int,
                 method: str = "ode-euler", t_end: float = 0.0, rtol: float = 1e-5,
-                atol: float = 1e-5, grad: str | None = None, *, precision: str = "fp32", states: bool = False):
+                atol: float = 1e-5, grad: str | None = None, states: bool = False):
     """Probability-flow ODE from t_start to t_end: fixed-step methods step by step here,
     ode-dopri5 with torchdiffeq.odeint; grad="adjoint": torchdiffeq.odeint_adjoint (no gradient
     into the network's weights); grad="exact" recomputes as reverse_sde does (fixed-step methods
     in segments). states=True: (x at t_end, the states at steps 1..steps), as reverse_sde."""
     grid = time_grid(t_start, t_end, steps)
-    func = ProbabilityFlowODE(model, grid, x.shape, checkpoint=grad == "exact", precision=precision)
+    func = ProbabilityFlowODE(model, grid, x.shape, checkpoint=grad == "exact")
     y0 = x.reshape(x.shape[0], -1)
     inner = ODE_METHODS[method]
     options = {} if inner == "dopri5" else {"step_size": 1.0}
@@ -256,11 +313,14 @@ def _subsequence(model: DiffusionModel, t_start: float, steps: int, times=None):
     return times, ab
 
 
-def _x0(model, x, t, a, clip_x0, exact, precision):
-    """The model's x0 prediction at t (alpha_bar a), optionally clipped to the image range."""
-    eps = network_call(model.eps, x, t, exact, precision)
+def _x0_from_eps(x, eps, a, clip_x0):
     x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
     return x0.clamp(-1.0, 1.0) if clip_x0 else x0
+
+
+def _x0(model, x, t, a, clip_x0, exact):
+    """The model's x0 prediction at t (alpha_bar a), optionally clipped to the image range."""
+    return _x0_from_eps(x, network_call(model.eps, x, t, exact), a, clip_x0)
 
 
 def _in_steps(x, n: int, exact: bool, step, states: bool = False):
@@ -279,40 +339,71 @@ def _in_steps(x, n: int, exact: bool, step, states: bool = False):
     return traj[-1], traj
 
 
-def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
-                   clip_x0: bool = True, grad: str | None = None, *, rng: str = "cpu",
-                   streams: Streams | None = None, precision: str = "fp32", states: bool = False):
+def ddpm_log_variances(ab: list[float]) -> list[tuple[float, float]]:
+    """Per step k of a chain with alpha_bars ab (ab[-1] = 1 at t = 0): (log beta_k, log beta~_k)
+    with beta_k = 1 - ab[k] / ab[k+1] and beta~_k = beta_k (1 - ab[k+1]) / (1 - ab[k]), taken on
+    the chain itself (the respaced one). beta~ = 0 at the last step, whose log takes the previous
+    step's value, as improved-diffusion clips it (that step adds no noise either way)."""
+    out = []
+    for k in range(len(ab) - 1):
+        beta = 1 - ab[k] / ab[k + 1]
+        post = beta * (1 - ab[k + 1]) / (1 - ab[k])
+        out.append((math.log(beta), math.log(post) if post > 0 else (out[-1][1] if out else math.log(beta))))
+    return out
+
+
+def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, noise=None,
+                   clip_x0: bool = True, grad: str | None = None, variance: str = "posterior",
+                   states: bool = False):
     """DDPM ancestral steps on a subsequence, betas re-derived from alpha_bar; no noise at the last step.
-    Step k adds increment k of the GridBrownian addressed by seed (and streams).
+    Step k adds increment k of `noise` (a GridBrownian of x's shape, or an int seed) times the
+    step's standard deviation: sqrt(beta~_k) (variance="posterior"), sqrt(beta_k) ("beta"), or the
+    model's own (Nichol & Dhariwal 2021, eq. 15: "learned"),
+        log sigma_k^2 = f log beta_k + (1 - f) log beta~_k,  f = (v + 1) / 2,
+    v being the network's variance channels from the same call as eps (model.eps_variance).
     states=True: (x at 0, the state after each step, at ddpm_times(...)[1:])."""
+    check_variance("ddpm", variance)
     times, ab = _subsequence(model, t_start, steps)
-    bm = GridBrownian(seed, x.shape, dtype=x.dtype, device=x.device, rng=rng, streams=streams)
     n, exact = len(times) - 1, grad == "exact"
+    bm = _brownian(noise, x) if n > 1 else None
+    logs = ddpm_log_variances(ab)
+    learned = variance == "learned"
+    channels = x.shape[1] if x.dim() > 1 else None
 
     def step(x, k):
         a, a_next = ab[k], ab[k + 1]
-        x0 = _x0(model, x, times[k], a, clip_x0, exact, precision)
+        if learned:
+            out = network_call(model.eps_variance, x, times[k], exact)
+            eps, v = out[:, :channels], out[:, channels:]
+        else:
+            eps = network_call(model.eps, x, times[k], exact)
+        x0 = _x0_from_eps(x, eps, a, clip_x0)
         alpha = a / a_next
         mean = (a_next ** 0.5 * (1 - alpha) / (1 - a)) * x0 + (alpha ** 0.5 * (1 - a_next) / (1 - a)) * x
-        if k < n - 1:
-            return mean + ((1 - alpha) * (1 - a_next) / (1 - a)) ** 0.5 * bm.increment(k)
-        return mean
+        if k == n - 1:
+            return mean
+        log_beta, log_post = logs[k]
+        if learned:
+            f = (v + 1) / 2
+            std = torch.exp(0.5 * (f * log_beta + (1 - f) * log_post))
+        else:
+            std = math.exp(0.5 * (log_beta if variance == "beta" else log_post))
+        return mean + std * bm.increment(k)
     return _in_steps(x, n, exact, step, states)
 
 
-def ddim(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int = 0, eta: float = 0.0,
-         clip_x0: bool = True, grad: str | None = None, *, times=None, rng: str = "cpu",
-         streams: Streams | None = None, precision: str = "fp32", states: bool = False):
+def ddim(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, noise=None, eta: float = 0.0,
+         clip_x0: bool = True, grad: str | None = None, *, times=None, states: bool = False):
     """DDIM (Song, Meng & Ermon 2021, eq. 12) on the subsequence of ddpm_times (or `times`, decreasing):
         x0_k   = (x_k - sqrt(1 - a_k) eps(x_k, t_k)) / sqrt(a_k)     (clipped if clip_x0)
         s_k    = eta sqrt((1 - a_{k+1}) / (1 - a_k)) sqrt(1 - a_k / a_{k+1})
         x_{k+1} = sqrt(a_{k+1}) x0_k + sqrt(1 - a_{k+1} - s_k^2) eps_k + s_k z_k
     with eps_k re-derived from the clipped x0_k. eta = 0: the deterministic, first-order
     probability-flow sampler; eta = 1: the same chain as ddpm step for step (z_k is increment k of
-    the same GridBrownian)."""
+    the same `noise`)."""
     check_eta(eta)
     times, ab = _subsequence(model, t_start, steps, times)
-    bm = GridBrownian(seed, x.shape, dtype=x.dtype, device=x.device, rng=rng, streams=streams) if eta > 0 else None
+    bm = _brownian(noise, x) if eta > 0 else None
     n, exact = len(times) - 1, grad == "exact"
     coefs = []
     for k in range(n):
@@ -322,7 +413,7 @@ def ddim(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, see
 
     def step(x, k):
         a, a_next, s, c = coefs[k]
-        x0 = _x0(model, x, times[k], a, clip_x0, exact, precision)
+        x0 = _x0(model, x, times[k], a, clip_x0, exact)
         x_next = a_next ** 0.5 * x0
         if c > 0:
             x_next = x_next + (c / (1 - a) ** 0.5) * (x - a ** 0.5 * x0)
@@ -333,7 +424,7 @@ def ddim(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, see
 
 
 def dpm_solver_2m(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, clip_x0: bool = True,
-                  grad: str | None = None, *, times=None, precision: str = "fp32", states: bool = False):
+                  grad: str | None = None, *, times=None, states: bool = False):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) on the subsequence of ddpm_times (or `times`).
     With alpha_k = sqrt(a_k), sigma_k = sqrt(1 - a_k), lambda_k = log(alpha_k / sigma_k),
     h_k = lambda_{k+1} - lambda_k and D_k the data prediction x0(x_k, t_k):
@@ -358,7 +449,7 @@ def dpm_solver_2m(model: DiffusionModel, x: torch.Tensor, t_start: float, steps:
         h_prev = h
     d_prev, traj = None, []
     for k in range(n):
-        d = _x0(model, x, times[k], ab[k], clip_x0, exact, precision)
+        d = _x0(model, x, times[k], ab[k], clip_x0, exact)
         if plan[k] is None:
             x = d
         else:
@@ -410,48 +501,31 @@ def plain_graph_fits(model: DiffusionModel, method: str, steps: int, rows: int, 
 GRADS = (None, "exact", "adjoint")
 
 
-def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, seed: int,
-          method: str = "euler", clip_x0: bool = True, grad: str | None = None,
-          adjoint_method: str | None = None, *, eta: float = 0.0, rng: str = "cpu",
-          streams: Streams | None = None, precision: str = "fp32", states: bool = False,
-          recompute: bool = True):
-    """Dispatch on `method` (see SOLVERS); returns the reverse-process output at t = 0.
-    `clip_x0` clips the x0 predictions of ddpm, ddim and dpm-solver-2m to [-1, 1] (images); the
-    other solvers ignore it. `grad`: None (plain autograd), "exact" (recomputed autograd, input
-    gradient only) or "adjoint". `eta`: ddim's noise level. `rng` ("cpu" or "device") and
-    `streams` (brownian.Streams) say how the Gaussian draws are made and addressed. `precision`:
-    autocast of the network ("fp32", "bf16", "fp16"; see precision.py).
+def solve(model: DiffusionModel, x: torch.Tensor, t_start: float, sampler: Sampler, noise=None,
+          grad: str | None = None, states: bool = False):
+    """The reverse process from t_start to 0 as `sampler` says (see Sampler and SOLVERS).
+    `noise`: the GridBrownian of x's rows (its address and generator chosen by the caller), or an
+    int seed for one block of the CPU stream; unused by deterministic samplers. `grad`: None
+    (plain autograd), "exact" (recomputed autograd, input gradient only) or "adjoint"; a caller
+    that checked plain_graph_fits passes None for the same gradient without recomputation.
     states=True returns (x at 0, states, times): the state after every step (n, *x.shape),
     differentiable in the same gradient mode (DiffAttack's intermediate states), and the float64
-    times they sit at (n,). `recompute=False` with grad="exact": one plain autograd graph
-    instead, the same gradient without recomputation, for callers that checked plain_graph_fits
-    (frozen weights, a graph within budget)."""
-    check_solver(method)
-    check_rng(rng)
-    _precision.check_precision(precision)
+    times they sit at (n,)."""
     if grad not in GRADS:
         raise SdepureError(f"unknown gradient mode {grad!r} for the solver")
-    if grad == "exact" and not recompute:
-        grad = None
-    if method != "ddim" and eta != 0.0:
-        raise SdepureError(f"eta applies to the ddim solver only (solver is {method})")
-    if method in SDE_METHODS:
-        out = reverse_sde(model, x, t_start, steps, seed, method, grad=grad, adjoint_method=adjoint_method,
-                          rng=rng, streams=streams, precision=precision, states=states)
-    elif method in ODE_METHODS:
-        out = reverse_ode(model, x, t_start, steps, method, grad=grad, precision=precision, states=states)
+    m = sampler.method
+    if m in SDE_METHODS:
+        out = reverse_sde(model, x, t_start, sampler.steps, noise, m, grad=grad,
+                          adjoint_method=sampler.adjoint_method, states=states)
+    elif m in ODE_METHODS:
+        out = reverse_ode(model, x, t_start, sampler.steps, m, grad=grad, states=states)
     elif grad == "adjoint":
-        raise SdepureError(f"the {method} sampler has no adjoint; use grad exact, or an SDE/ODE solver")
-    elif method == "ddpm":
-        out = ddpm_ancestral(model, x, t_start, steps, seed, clip_x0, grad=grad, rng=rng, streams=streams,
-                             precision=precision, states=states)
-    elif method == "ddim":
-        out = ddim(model, x, t_start, steps, seed, eta, clip_x0, grad=grad, rng=rng, streams=streams,
-                   precision=precision, states=states)
+        raise SdepureError(f"the {m} sampler has no adjoint; use grad exact, or an SDE/ODE solver")
+    elif m == "ddpm":
+        out = ddpm_ancestral(model, x, t_start, sampler.steps, noise, sampler.clip_x0, grad=grad,
+                             variance=sampler.variance, states=states)
+    elif m == "ddim":
+        out = ddim(model, x, t_start, sampler.steps, noise, sampler.eta, sampler.clip_x0, grad=grad, states=states)
     else:
-        out = dpm_solver_2m(model, x, t_start, steps, clip_x0, grad=grad, precision=precision, states=states)
-    if not states:
-        return out
-    times = (ddpm_times(model.schedule, t_start, steps) if method in SUBSEQUENCE_METHODS
-             else time_grid(t_start, 0.0, steps))[1:]
-    return (*out, times)
+        out = dpm_solver_2m(model, x, t_start, sampler.steps, sampler.clip_x0, grad=grad, states=states)
+    return (*out, sampler.times(model.schedule, t_start)) if states else out

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from sdepure.attacks import AttackedModel
+from sdepure.defense import Defense
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.schedules import LinearVP
 from sdepure.settings import Purifier
@@ -24,9 +25,10 @@ class NearestMean(nn.Module):
 
 
 def attacked(method, classifier, num_classes, model=None, t_star=None, steps=10, solver="euler", grad="exact",
-             votes=1, seed=0):
-    return AttackedModel(Purifier(method, t_star=t_star, steps=steps, solver=solver, grad=grad, votes=votes),
-                         classifier, num_classes, model, seed)
+             votes=1, seed=0, draws=None, **settings):
+    """An AttackedModel over the Defense these settings describe."""
+    p = Purifier(method, t_star=t_star, steps=steps, solver=solver, grad=grad, votes=votes, **settings)
+    return AttackedModel(Defense(p, model, classifier, num_classes, draws=draws), seed)
 
 
 def single_gaussian_pf_case():

@@ -3,13 +3,17 @@ import torch
 from torch import nn
 
 from sdepure import attacks
-from sdepure.attacks import AttackedModel, input_gradient, relative_error
+from sdepure.attacks import input_gradient, relative_error
+from sdepure.brownian import Streams
 from sdepure.classifiers import build_classifier
 from sdepure.data import load_digits
 from sdepure.errors import SdepureError
 from sdepure.models import build_score_model
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
+from sdepure.rng import Draw, Draws, derive_seed
 from sdepure.schedules import LinearVP
+from sdepure.defense import majority_vote
+from sdepure.solvers import Sampler, solve
 
 from helpers import MEANS, NearestMean, attacked
 
@@ -74,7 +78,7 @@ def test_bpda_gradient_is_classifier_gradient_at_purified_point(digits):
     grad = input_gradient(target, x[:3], y[:3], seed=4)
     target.reset(4)
     with torch.no_grad():
-        purified = target.purify(x[:3], target.next_seed())
+        purified = target.defense.purified(x[:3], Streams.batch(target.next_seed(), 3))[0]
     p = purified.clone().requires_grad_(True)
     loss = nn.functional.cross_entropy(classifier(p), y[:3], reduction="sum")
     expected = torch.autograd.grad(loss, p)[0]
@@ -83,14 +87,24 @@ def test_bpda_gradient_is_classifier_gradient_at_purified_point(digits):
 
 
 def test_densepure_attack_differentiates_mean_logits(gmm_target):
+    """DensePure as its authors define it: one forward draw to x_t*, then K reverse runs from it
+    (run k on its own path), the attack's output the mean of the K runs' logits and the defense's
+    label their vote; each run rebuilt here by a plain solve."""
     model, classifier, x, y = gmm_target
     target = attacked("densepure", classifier, 3, model, 0.2, 5, "euler", "exact", votes=4)
     target.reset(0)
-    logits = target(x)
+    out = target.outputs(x)
     target.reset(0)
     seed = target.next_seed()
-    each = classifier(target.purify(x.repeat_interleave(4, 0), seed)).reshape(3, 4, -1)
-    assert torch.allclose(logits, each.mean(1))
+    defense = target.defense
+    z = Draws("cpu").randn(x.shape, derive_seed(seed, Draw.FORWARD), dtype=x.dtype)
+    xt = defense.x_t_star(x + defense.sigma * z)
+    path = derive_seed(seed, Draw.PATH)
+    each = torch.stack([classifier((solve(model, xt, 0.2, Sampler("euler", 5), derive_seed(path, k)).clamp(-1, 1)
+                                    + 1) / 2) for k in range(4)])
+    assert torch.allclose(out.logits, each.mean(0), atol=1e-12)
+    assert torch.equal(out.labels, majority_vote(each.argmax(-1).T, 3))
+    assert torch.equal(out.labels, target.predict(x, seed))  # the early-stopped vote agrees
 
 
 def test_autoattack_breaks_undefended_classifier(digits):
@@ -119,11 +133,12 @@ def test_pgd_eot_stays_in_ball_and_fools_undefended(digits, norm, eps):
 
 
 def test_score_defense_counts_single_majority_and_any_of_n():
-    class Scripted(AttackedModel):
+    """single is the mean over all N draws (not the first draw's), with its standard error over
+    the per-example shares; majority and any-of-N as DiffHammer counts them."""
+    class Scripted:
         """Draw d of example i is right unless (i, d) is listed."""
 
         def __init__(self):
-            nn.Module.__init__(self)
             self.num_classes, self.calls = 3, 0
             self.wrong = {(1, 0), (2, 0), (2, 1), (2, 2)}
 
@@ -136,7 +151,10 @@ def test_score_defense_counts_single_majority_and_any_of_n():
     x = torch.zeros(3, 1)
     x[:, 0] = torch.tensor([0.0, 1.0, 2.0])
     score = attacks.score_defense(Scripted(), x, torch.zeros(3, dtype=torch.long), draws=4, seed=0, batch=8)
-    assert score["single"] == pytest.approx(1 / 3)
+    shares = torch.tensor([1.0, 0.75, 0.25], dtype=torch.float64)  # right in 4, 3 and 1 of the 4 draws
+    assert score["single"] == pytest.approx(2 / 3)  # the first draw alone would say 1/3
+    assert score["single_se"] == pytest.approx(float(shares.std() / 3 ** 0.5))
+    assert score["per_example"]["single"] == pytest.approx(shares.tolist())
     assert score["majority"] == pytest.approx(2 / 3)
     assert score["any_of_n"] == pytest.approx(1 / 3)
 

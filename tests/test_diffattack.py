@@ -9,14 +9,15 @@ import torch
 from torch import nn
 
 from sdepure import attacks
-from sdepure.attacks import eot_gradient, path_address, relative_error
-from sdepure.diffattack import (FixedRandomness, apgd_checkpoints, check_diffattack, cls_loss, defended,
-                                diffattack, dlr_loss, purify_with_states)
+from sdepure.attacks import eot_gradient, relative_error
+from sdepure.brownian import GridBrownian, Streams
+from sdepure.diffattack import FixedRandomness, apgd_checkpoints, check_diffattack, cls_loss, diffattack, dlr_loss
 from sdepure.errors import SdepureError
+from sdepure.rng import Draw, Draws
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.schedules import LinearVP
 from sdepure.sde import time_grid
-from sdepure.solvers import solve
+from sdepure.solvers import Sampler, solve
 
 from helpers import MEANS, NearestMean, attacked
 
@@ -36,9 +37,9 @@ def test_states_are_the_solution_at_each_step(gmm, method):
     model, _, x, _ = gmm
     xt = 2 * x - 1
     steps = 6
-    out, states, times = solve(model, xt, 0.3, steps, seed=4, method=method, states=True)
+    out, states, times = solve(model, xt, 0.3, Sampler(method, steps), 4, states=True)
     assert states.shape == (steps, *x.shape) and times.shape == (steps,)
-    assert torch.equal(out, solve(model, xt, 0.3, steps, seed=4, method=method))
+    assert torch.equal(out, solve(model, xt, 0.3, Sampler(method, steps), 4))
     assert torch.equal(states[-1], out) and float(times[-1]) == 0.0
     if method not in ("ddpm", "ddim", "dpm-solver-2m"):  # subsequence samplers: times from ddpm_times
         assert torch.allclose(times, time_grid(0.3, 0.0, steps)[1:])
@@ -61,7 +62,7 @@ def test_exact_state_gradients_equal_plain_backprop(gmm, method, steps):
     grads = {}
     for grad in (None, "exact"):
         xa = (2 * x - 1).requires_grad_(True)
-        _, states, _ = solve(model, xa, 0.3, steps, seed=1, method=method, grad=grad, states=True)
+        _, states, _ = solve(model, xa, 0.3, Sampler(method, steps), 1, grad=grad, states=True)
         grads[grad] = torch.autograd.grad((states * w).sum(), xa)[0]
     assert grads[None].abs().sum() > 0
     assert relative_error(grads["exact"], grads[None]) < 1e-12
@@ -77,7 +78,7 @@ def test_adjoint_state_gradients_exact_for_reversible_heun(gmm):
 
     def grad_of(method, grad, steps=20, ww=w):
         xa = (2 * x - 1).requires_grad_(True)
-        _, states, _ = solve(model, xa, 0.3, steps, seed=2, method=method, grad=grad, states=True)
+        _, states, _ = solve(model, xa, 0.3, Sampler(method, steps), 2, grad=grad, states=True)
         return torch.autograd.grad((states * ww).sum(), xa)[0]
 
     assert relative_error(grad_of("reversible_heun", "adjoint"), grad_of("reversible_heun", None)) < 1e-9
@@ -91,25 +92,22 @@ def test_adjoint_state_gradients_exact_for_reversible_heun(gmm):
 
 
 def test_row_seeds_make_a_row_independent_of_its_batch(gmm):
-    """attacks.path_address gives each row its own Brownian stream (brownian.Streams, width 1)."""
+    """Streams.per_row gives each row its own Brownian stream (a block of width 1)."""
     model, _, x, _ = gmm
     xt = (2 * x - 1)
     seeds = (11, 12, 13)
-    def euler(x, row_seeds):
-        seed, streams = path_address(row_seeds)
-        return solve(model, x, 0.3, 5, seed, "euler", streams=streams)
 
-    batch = euler(xt, seeds)
+    def run(x, row_seeds, method="euler"):
+        return solve(model, x, 0.3, Sampler(method, 5), GridBrownian.like(Streams.per_row(row_seeds), x))
+
+    batch = run(xt, seeds)
     for i in range(3):
-        alone = euler(xt[i:i + 1], (seeds[i],))
+        alone = run(xt[i:i + 1], (seeds[i],))
         assert torch.equal(batch[i], alone[0])
-    seed, streams = path_address(seeds[::-1])
-    reordered = solve(model, xt.flip(0), 0.3, 5, seed, "ddpm", streams=streams)
-    seed, streams = path_address(seeds)
-    assert torch.equal(reordered.flip(0), solve(model, xt, 0.3, 5, seed, "ddpm", streams=streams))
-    assert not torch.equal(batch, solve(model, xt, 0.3, 5, 11, method="euler"))
+    assert torch.equal(run(xt.flip(0), seeds[::-1], "ddpm").flip(0), run(xt, seeds, "ddpm"))
+    assert not torch.equal(batch, solve(model, xt, 0.3, Sampler("euler", 5), 11))
     with pytest.raises(SdepureError):
-        euler(xt, (1, 2))
+        run(xt, (1, 2))
 
 
 # -- the deviated-reconstruction loss -------------------------------------------------------------
@@ -124,10 +122,11 @@ def test_deviation_loss_matches_gaussian_closed_form():
     classifier = NearestMean([[0.2, -0.1], [-0.5, 0.5], [0.5, 0.5]])
     target = attacked("diffpure", classifier, 3, model, 0.4, 100, "ode-rk4", "exact")
     x = torch.tensor([[0.55, 0.5], [0.4, 0.6], [0.7, 0.3]], dtype=torch.float64)
-    purified, dev = purify_with_states(target, x, seed=7)
+    streams = Streams.batch(7, 3)
+    purified, dev = target.defense.purified(x, streams, with_dev=True)
 
     sched = model.schedule
-    z = attacks.gaussian(x.shape, attacks.sub_seed(7, 0), x)
+    z = Draws("cpu").randn(x.shape, Streams.batch(7, 3).derive(Draw.FORWARD).seed[0], dtype=x.dtype)
     a_star = float(sched.alpha_bar(torch.tensor(0.4, dtype=torch.float64)))
     x_star = a_star ** 0.5 * (2 * x - 1) + (1 - a_star) ** 0.5 * z
     v = lambda a: a * s * s + 1 - a  # noqa: E731
@@ -141,8 +140,43 @@ def test_deviation_loss_matches_gaussian_closed_form():
         expected += ((reverse - forward) ** 2).mean(1) / len(times)
     assert torch.allclose(dev, expected, rtol=1e-7, atol=1e-12)
     assert torch.allclose(purified, ((m + s * u).clamp(-1, 1) + 1) / 2, atol=1e-7)
-    # the purification is the one the attacked model makes with the same seed
-    assert torch.equal(purified, target.purify(x, 7))
+    # the purification is the one the plain path makes with the same address
+    assert torch.equal(purified, target.defense.purified(x, streams)[0])
+
+
+class OtherDevice(Draws):
+    """A device stream that differs from the CPU stream, as a GPU's does (on the CPU the real
+    device stream equals the CPU stream, so a path that bypassed the defense's draws would go
+    unseen without it)."""
+
+    def __init__(self):
+        super().__init__("device")
+
+    def randn(self, shape, seed, device="cpu", dtype=torch.float32):
+        return -super().randn(shape, seed, device, dtype)
+
+
+@pytest.mark.parametrize("rng", ["cpu", "device"])
+@pytest.mark.parametrize("method,solver,votes", [("diffpure", "euler", 1), ("densepure", "ddpm", 3)])
+def test_states_path_purifies_as_the_plain_path(gmm, rng, method, solver, votes):
+    """DiffAttack's path (intermediate states, L_dev) and the plain path give the same purified
+    outputs for the same address, with the CPU stream and with a device stream that differs from
+    it; and both decide recomputation by the same graph budget."""
+    model, classifier, x, _ = gmm
+    draws = OtherDevice() if rng == "device" else None
+    target = attacked(method, classifier, 3, model, 0.3, 5, solver, "exact", votes=votes, rng=rng, draws=draws)
+    defense, streams = target.defense, Streams.batch(9, 3)
+    plain, _ = defense.purified(x, streams)
+    with_states, dev = defense.purified(x, streams, with_dev=True)
+    assert torch.equal(plain, with_states) and dev.shape == (3 * votes,)
+    assert torch.equal(defense(x, streams).logits, defense(x, streams, with_dev=True).logits)
+    if rng == "device":  # the double is in use: the CPU stream gives other outputs
+        cpu = attacked(method, classifier, 3, model, 0.3, 5, solver, "exact", votes=votes, rng="cpu")
+        assert not torch.equal(plain, cpu.defense.purified(x, streams)[0])
+    fresh = attacked(method, classifier, 3, model, 0.3, 5, solver, "exact", votes=votes, rng=rng, draws=draws)
+    xa = x.clone().requires_grad_(True)
+    fresh.defense.purified(xa, streams, with_dev=True)
+    assert fresh.defense._call_bytes_per_row is not None  # the budget check ran on the states path
 
 
 @pytest.mark.parametrize("grad,solver,votes,tol", [("exact", "euler", 1, 1e-6), ("exact", "ddpm", 2, 1e-6),
@@ -156,10 +190,10 @@ def test_diffattack_loss_gradient_matches_finite_differences(gmm, grad, solver, 
     model, classifier, x, y = gmm
     method = "densepure" if votes > 1 else "diffpure"
     target = attacked(method, classifier, 3, model, 0.3, 20, solver, grad, votes=votes)
-    fixed = FixedRandomness(target, x, [0, 1, 2], seed=3, eps=0.01)
+    fixed = FixedRandomness(target.defense, x, [0, 1, 2], seed=3, eps=0.01)
 
     def loss(z):
-        logits, dev, _ = fixed.with_dev(z)
+        logits, dev, _ = fixed.outputs(z, with_dev=True)
         return (cls_loss("ce", logits, y) + dev).sum()
 
     xa = x.clone().requires_grad_(True)
@@ -237,16 +271,15 @@ def test_eot_batch_estimates_the_same_expected_gradient(gmm):
 def test_fixed_randomness_is_per_example_and_batch_independent(gmm):
     model, classifier, x, y = gmm
     target = attacked("densepure", classifier, 3, model, 0.3, 5, "euler", "exact", votes=3)
-    fixed = FixedRandomness(target, x, [10, 11, 12], seed=1, eps=0.05)
+    fixed = FixedRandomness(target.defense, x, [10, 11, 12], seed=1, eps=0.05)
     x_in = x + 0.02  # queries inside the balls
     a = fixed(x_in)
     assert torch.equal(a, fixed(x_in))  # same randomness every call
     assert torch.equal(fixed(x_in.flip(0)), a.flip(0))  # whatever the order
     assert torch.equal(fixed(x_in[1:2].repeat(4, 1)), a[1:2].repeat(4, 1))  # whatever the batch
-    # it is the defense under that one draw: the example's seed through AttackedModel.purify
-    seeds = tuple(s for s in fixed.seeds)
-    assert torch.equal(a, defended(target, x_in, seeds)[0])
-    assert torch.equal(defended(target, x_in, seeds)[2], fixed.predict(x_in))
+    # it is the defense under that one draw: each example's own seed through Defense.forward
+    out = target.defense(x_in, Streams.per_row(fixed.seeds))
+    assert torch.equal(a, out.logits) and torch.equal(out.labels, fixed.predict(x_in))
     # and differs from a fresh draw
     target.reset(0)
     assert not torch.equal(a, target(x_in))
@@ -258,7 +291,7 @@ def test_fixed_randomness_refuses_overlapping_balls(gmm):
     model, classifier, x, _ = gmm
     target = attacked("diffpure", classifier, 3, model, 0.3, 5)
     with pytest.raises(SdepureError, match="apart"):
-        FixedRandomness(target, x, [0, 1, 2], seed=0, eps=0.2)  # rows 0 and 1 are 0.15 apart in Linf
+        FixedRandomness(target.defense, x, [0, 1, 2], seed=0, eps=0.2)  # rows 0 and 1 are 0.15 apart in Linf
 
 
 def test_diffattack_breaks_what_it_can_and_not_what_it_cannot(gmm):
@@ -270,9 +303,9 @@ def test_diffattack_breaks_what_it_can_and_not_what_it_cannot(gmm):
     L_dev can steer the iterates away from every misclassified point (seen for (0.5, 0.8))."""
     model, classifier, x, y = gmm
     target = attacked("diffpure", classifier, 3, model, 0.3, 6, "euler", "exact")
-    small = FixedRandomness(target, x, [0, 1, 2], seed=2, eps=0.005)
+    small = FixedRandomness(target.defense, x, [0, 1, 2], seed=2, eps=0.005)
     own = small.predict(x)  # the defense's clean prediction under this fixed draw
-    x_adv, _ = diffattack(target, x, own, 0.005, iters=5, eot=1, fixed=small, seed=0)
+    x_adv, _ = diffattack(small, x, own, 0.005, iters=5, eot=1, seed=0)
     assert (small.predict(x_adv) == own).all()
     assert float((x_adv - x).abs().max()) <= 0.005 + 1e-12
     target = attacked("diffpure", classifier, 3, model, 0.1, 6, "euler", "exact")
@@ -282,11 +315,11 @@ def test_diffattack_breaks_what_it_can_and_not_what_it_cannot(gmm):
     for i, example in enumerate(((0.8, 0.5), (0.5, 0.8), (0.65, 0.65))):
         xs = torch.tensor([example], dtype=torch.float64)
         for seed in range(3):
-            fixed = FixedRandomness(target, xs, [i], seed=seed, eps=eps)
+            fixed = FixedRandomness(target.defense, xs, [i], seed=seed, eps=eps)
             ys = fixed.predict(xs)  # attack the defense's own clean prediction
             points = (xs + grid).clamp(0, 1)
             can_break = bool((fixed.predict(points) != ys).any())
-            x_adv, info = diffattack(target, xs, ys, eps, iters=10, eot=1, fixed=fixed, seed=seed, dev_weight=0.0)
+            x_adv, info = diffattack(fixed, xs, ys, eps, iters=10, eot=1, seed=seed, dev_weight=0.0)
             assert float((x_adv - xs).abs().max()) <= eps + 1e-12
             assert set(info["final_loss"]) == {"ce", "dlr"}
             broke = bool((fixed.predict(x_adv) != ys).all())
@@ -306,7 +339,7 @@ def test_diffattack_randomized_lowers_accuracy_and_deviation_rises(gmm):
 
     def stats(z):
         target.reset(5)
-        devs = torch.stack([purify_with_states(target, z, target.next_seed())[1] for _ in range(64)])
+        devs = torch.stack([target.outputs(z, with_dev=True).dev for _ in range(64)])
         acc = attacks.score_defense(target, z, ys, 32, seed=3, batch=8)
         return devs.mean(), acc["majority"], acc["any_of_n"]
 
@@ -320,22 +353,20 @@ def test_diffattack_randomized_lowers_accuracy_and_deviation_rises(gmm):
 def test_states_make_no_host_device_traffic_per_step():
     """The states path keeps the solvers' GPU discipline (see test_sde): on the meta device no
     host read of a device value, and with rng="device" no per-step copy from the host."""
-    from sdepure.brownian import Streams
     from sdepure.schedules import DiscreteVP
     from sdepure.solvers import SOLVERS
     from test_sde import _HostTraffic, _meta_model
     model = _meta_model(DiscreteVP.linear(1000))
     x = torch.empty(4, 1, 8, 8, device="meta")
-    streams = Streams((0, 0, 1, 1), (0, 1, 1, 0), 2)
-    solve(model, x, 0.3, 2, 0, "euler", rng="device", streams=streams, states=True)  # one-time set-up
+    noise = GridBrownian.like(Streams((0, 0, 1, 1), (0, 1, 1, 0), 2), x, Draws("device"))
+    solve(model, x, 0.3, Sampler("euler", 2), noise, states=True)  # one-time set-up
     for method in SOLVERS:
         if method == "ode-dopri5":  # adaptive: reads its error estimate by design
             continue
         copies = {}
         for steps in (2, 4):
             with _HostTraffic() as watch:
-                out, states, times = solve(model, x, 0.3, steps, 0, method, grad="exact", rng="device",
-                                           streams=streams, states=True)
+                out, states, times = solve(model, x, 0.3, Sampler(method, steps), noise, grad="exact", states=True)
             assert states.device.type == "meta" and watch.reads == 0, method
             copies[steps] = watch.copies
         assert copies[4] == copies[2] <= 1, (method, copies)

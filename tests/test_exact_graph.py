@@ -6,6 +6,7 @@ from torch import nn
 
 from sdepure import solvers
 from sdepure.attacks import AttackedModel, input_gradient
+from sdepure.defense import Defense
 from sdepure.classifiers import build_classifier
 from sdepure.data import load_digits
 from sdepure.experiments import torch_threads
@@ -72,17 +73,17 @@ def test_plain_graph_gives_the_recomputed_gradient_bit_for_bit(digits, solver):
     the backward pass makes no network call (with recomputation: one per forward call)."""
     model, classifier, x, y = digits
     for steps in (4, solvers.SEGMENT_FROM + 1):
-        target = AttackedModel(Purifier("diffpure", t_star=0.15, steps=steps, solver=solver, grad="exact"),
-                               classifier, 10, model)
+        target = AttackedModel(Defense(Purifier("diffpure", t_star=0.15, steps=steps, solver=solver, grad="exact"),
+                                       model, classifier, 10))
         grads, calls = {}, {}
         for budget in (0, solvers.EXACT_GRAPH_BUDGET):
-            target.purifier.graph_budget = budget
+            target.defense.graph_budget = budget
             input_gradient(target, x, y, seed=3)  # the first exact solve measures the graph once
             log, handle = _count_calls(model.net)
             grads[budget] = input_gradient(target, x, y, seed=3)
             handle.remove()
             calls[budget] = len(log)
-        assert target.purifier.recompute(x) is False  # the default budget holds this graph
+        assert target.defense.solver_grad(target.defense.x_t_star(x)) is None  # the default budget holds it
         assert grads[0].abs().sum() > 0
         assert torch.equal(grads[0], grads[solvers.EXACT_GRAPH_BUDGET]), (solver, steps)
         forward_calls = calls[solvers.EXACT_GRAPH_BUDGET]
@@ -94,7 +95,7 @@ def test_plain_graph_gives_the_recomputed_gradient_bit_for_bit(digits, solver):
 
 def test_graph_measured_once_per_purifier(digits):
     model, classifier, x, y = digits
-    target = AttackedModel(Purifier("diffpure", t_star=0.15, steps=3, grad="exact"), classifier, 10, model)
+    target = AttackedModel(Defense(Purifier("diffpure", t_star=0.15, steps=3, grad="exact"), model, classifier, 10))
     log, handle = _count_calls(model.net)
     input_gradient(target, x, y, seed=0)
     first = len(log)
@@ -102,10 +103,10 @@ def test_graph_measured_once_per_purifier(digits):
     handle.remove()
     assert first == 3 + 1 and len(log) - first == 3  # the probe: one call, on the first solve only
     # with no gradient wanted nothing is measured or recomputed
-    fresh = AttackedModel(Purifier("diffpure", t_star=0.15, steps=3, grad="exact"), classifier, 10, model)
+    fresh = AttackedModel(Defense(Purifier("diffpure", t_star=0.15, steps=3, grad="exact"), model, classifier, 10))
     with torch.no_grad():
         fresh(x)
-    assert fresh.purifier._call_bytes_per_row is None
+    assert fresh.defense._call_bytes_per_row is None
 
 
 def test_torch_threads_sets_and_restores():

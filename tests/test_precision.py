@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from sdepure import precision, purify
+from sdepure import precision
+from sdepure.brownian import Streams
+from sdepure.defense import Defense
+from sdepure.settings import Purifier
 from sdepure.errors import SdepureError
 
 
@@ -23,14 +26,12 @@ def test_bf16_autocast_stays_close_to_fp32_on_the_digits_model(digits):
     bf16 pixels within 0.01 on average of fp32 (images in [0, 1]; bf16 keeps 8 bits of mantissa),
     classifier labels agree on >= 95% and accuracy moves by <= 0.03; outputs stay fp32."""
     model, classifier, x, y = digits
-    t_star = purify.t_star_for(model.schedule, 0.5, "densepure")
     noisy = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     out, labels = {}, {}
     for p in ("fp32", "bf16"):
-        base = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, 10, "euler", precision=p),
-                                         classifier, 10, precision=p)
+        base = Defense(Purifier("diffpure", sigma=0.5, steps=10, solver="euler", precision=p), model, classifier, 10)
         with torch.no_grad():
-            out[p] = base.purifier(noisy, seed=1)
+            out[p] = base.purify(noisy, Streams.batch(1, len(noisy)))
             labels[p] = base.classify(out[p]).argmax(-1)
         assert out[p].dtype == torch.float32
     diff = (out["bf16"] - out["fp32"]).abs()
@@ -44,7 +45,7 @@ def test_precision_refusals():
     with pytest.raises(SdepureError, match="precision"):
         precision.check_precision("fp8")
     with pytest.raises(SdepureError, match="precision"):
-        purify.PurifiedClassifier(torch.nn.Identity(), torch.nn.Identity(), 3, precision="half")
+        precision.with_precision(torch.nn.Identity(), "half")
 
 
 def test_channels_last_keeps_the_function_and_is_off_by_default_on_cpu():

@@ -191,7 +191,8 @@ def test_collect_merges_shards_sorted_by_idx(tmp_path):
     dirs = make_shards(tmp_path, images, 3)
     merged, rows = runs.collect(reversed(dirs))
     assert [r["idx"] for r in rows] == images and [r["label"] for r in rows] == [j % 10 for j in images]
-    assert merged["shard"] is None and merged["images"] == images and merged["settings"] == SETTINGS
+    assert merged["shard"] is None and merged["images"] == images
+    assert merged["settings"] == runs.full_settings(SETTINGS) and merged["settings"]["purifier"]["votes"] == 3
 
 
 def test_collect_refuses_inconsistent_shards(tmp_path):

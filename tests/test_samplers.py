@@ -69,7 +69,7 @@ def test_single_gaussian_closed_form_through_solve():
     (the last step to t = 0 is the x0 prediction)."""
     model, t, x_t, exact = single_gaussian_pf_case()
     for method, bound in (("ddim", 1e-2), ("dpm-solver-2m", 1e-3)):
-        errors = [_rms(solvers.solve(model, x_t, t, n, 0, method, clip_x0=False), exact) for n in (5, 20, 80)]
+        errors = [_rms(solvers.solve(model, x_t, t, solvers.Sampler(method, n, clip_x0=False)), exact) for n in (5, 20, 80)]
         assert errors[0] > errors[1] > errors[2] and errors[2] < bound, (method, errors)
 
 
@@ -82,18 +82,18 @@ def test_ddim_eta_one_is_ddpm_step_for_step(schedule, clip_x0):
     t_star = float(schedule.t_star(0.5))
     x = 0.5 * _x_t(model, t_star, n=64)  # inside [-1, 1] mostly, so clipping matters for some rows
     for steps in (1, 3, 10):
-        a = solvers.solve(model, x, t_star, steps, seed=4, method="ddpm", clip_x0=clip_x0)
-        b = solvers.solve(model, x, t_star, steps, seed=4, method="ddim", eta=1.0, clip_x0=clip_x0)
+        a = solvers.solve(model, x, t_star, solvers.Sampler("ddpm", steps, clip_x0=clip_x0), 4)
+        b = solvers.solve(model, x, t_star, solvers.Sampler("ddim", steps, 1.0, clip_x0=clip_x0), 4)
         assert torch.allclose(a, b, atol=1e-10), steps
 
 
 def test_ddim_eta_zero_is_deterministic_and_eta_in_between_is_random(gmm_model):
     x = torch.zeros(8, 2, dtype=torch.float64)
-    a = solvers.solve(gmm_model, x, 0.3, 6, seed=1, method="ddim", clip_x0=False)
-    b = solvers.solve(gmm_model, x, 0.3, 6, seed=2, method="ddim", clip_x0=False)
+    a = solvers.solve(gmm_model, x, 0.3, solvers.Sampler("ddim", 6, clip_x0=False))
+    b = solvers.solve(gmm_model, x, 0.3, solvers.Sampler("ddim", 6, clip_x0=False))
     assert torch.equal(a, b)
-    c = solvers.solve(gmm_model, x, 0.3, 6, seed=1, method="ddim", eta=0.5, clip_x0=False)
-    d = solvers.solve(gmm_model, x, 0.3, 6, seed=2, method="ddim", eta=0.5, clip_x0=False)
+    c = solvers.solve(gmm_model, x, 0.3, solvers.Sampler("ddim", 6, 0.5, clip_x0=False), 1)
+    d = solvers.solve(gmm_model, x, 0.3, solvers.Sampler("ddim", 6, 0.5, clip_x0=False), 2)
     assert not torch.allclose(c, d)
 
 
@@ -113,7 +113,7 @@ def test_subsequence_samplers_call_the_model_at_its_own_timesteps(method):
     schedule = DiscreteVP.linear(1000)
     model = _Times(GaussianMixture(**MIXTURE), schedule)
     t_star = float(schedule.time_of_index(259))
-    solvers.solve(model, torch.zeros(2, 2, dtype=torch.float64), t_star, 10, 0, method)
+    solvers.solve(model, torch.zeros(2, 2, dtype=torch.float64), t_star, solvers.Sampler(method, 10), 0)
     expected = solvers.ddpm_times(schedule, t_star, 10)[:-1].tolist()
     assert model.times == pytest.approx(expected, abs=1e-12)
     assert [round(t * 1000 - 1) for t in model.times] == [round(259 - j * 25.9) for j in range(10)]
@@ -122,9 +122,9 @@ def test_subsequence_samplers_call_the_model_at_its_own_timesteps(method):
 def test_sampler_refusals(gmm_model):
     x = torch.zeros(2, 2, dtype=torch.float64)
     with pytest.raises(SdepureError, match="eta"):
-        solvers.solve(gmm_model, x, 0.3, 4, 0, "ddim", eta=1.5)
+        solvers.Sampler("ddim", 4, eta=1.5)
     with pytest.raises(SdepureError, match="eta"):
-        solvers.solve(gmm_model, x, 0.3, 4, 0, "euler", eta=0.5)
+        solvers.Sampler("euler", 4, eta=0.5)
     for method in ("ddim", "dpm-solver-2m"):
         with pytest.raises(SdepureError, match="no adjoint"):
-            solvers.solve(gmm_model, x, 0.3, 4, 0, method, grad="adjoint")
+            solvers.solve(gmm_model, x, 0.3, solvers.Sampler(method, 4), 0, grad="adjoint")

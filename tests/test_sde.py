@@ -5,12 +5,18 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdepure.brownian import GridBrownian, Streams
+from sdepure.rng import Draws
 from sdepure.errors import SdepureError
 from sdepure.schedules import DiscreteVP, LinearVP
 from sdepure.rng import derive_seed
-from sdepure.solvers import ddpm_times, solve
+from sdepure.solvers import Sampler, ddpm_times, solve
 
 from helpers import single_gaussian_pf_case
+
+
+def _noise(address, x, rng):
+    """The Brownian path of a solve of x, addressed by `address` (seed or Streams), drawn by `rng`."""
+    return GridBrownian.like(address, x, Draws(rng))
 
 
 def test_grid_brownian_seeded_and_reversible():
@@ -54,7 +60,7 @@ def _manual_euler(model, x, t_start, steps, seed):
 
 def test_torchsde_solve_equals_hand_written_euler(gmm_model):
     x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    out = solve(gmm_model, x, 0.3, 37, seed=5, method="euler")
+    out = solve(gmm_model, x, 0.3, Sampler("euler", 37), 5)
     ref = _manual_euler(gmm_model, x, 0.3, 37, seed=5)
     assert torch.allclose(out, ref, atol=1e-12)
 
@@ -62,9 +68,9 @@ def test_torchsde_solve_equals_hand_written_euler(gmm_model):
 def test_same_seed_same_output_different_seed_differs(gmm_model):
     x = torch.zeros(16, 2, dtype=torch.float64)
     for method in ("euler", "reversible_heun", "ddpm"):
-        a = solve(gmm_model, x, 0.25, 20, seed=1, method=method, clip_x0=False)
-        b = solve(gmm_model, x, 0.25, 20, seed=1, method=method, clip_x0=False)
-        c = solve(gmm_model, x, 0.25, 20, seed=2, method=method, clip_x0=False)
+        a = solve(gmm_model, x, 0.25, Sampler(method, 20, clip_x0=False), 1)
+        b = solve(gmm_model, x, 0.25, Sampler(method, 20, clip_x0=False), 1)
+        c = solve(gmm_model, x, 0.25, Sampler(method, 20, clip_x0=False), 2)
         assert torch.equal(a, b)
         assert not torch.allclose(a, c)
 
@@ -79,7 +85,7 @@ def test_reverse_sde_samples_exact_posterior(gmm_model, method, steps):
     w, m, c = gmm_model.posterior(x_t, t_star)
     n = 4000
     eta = 1.0 if method == "ddim" else 0.0  # DDIM at eta = 1 samples as ddpm does
-    y = solve(gmm_model, x_t.expand(n, 2).clone(), t_star, steps, seed=11, method=method, clip_x0=False, eta=eta)
+    y = solve(gmm_model, x_t.expand(n, 2).clone(), t_star, Sampler(method, steps, eta, clip_x0=False), 11)
     comp = torch.cdist(y, m[0]).argmin(1)
     share = torch.bincount(comp, minlength=3).double() / n
     assert torch.allclose(share, w[0], atol=0.03), (share, w)
@@ -92,9 +98,9 @@ def test_reverse_sde_samples_exact_posterior(gmm_model, method, steps):
 def test_probability_flow_ode_single_gaussian_closed_form():
     """For N(mu, s^2 I) the PF-ODE is linear: x0 = mu + s / sqrt(v_t) (x_t - sqrt(a) mu)."""
     model, t, x_t, exact = single_gaussian_pf_case()
-    out = solve(model, x_t, t, 200, seed=0, method="ode-rk4")
+    out = solve(model, x_t, t, Sampler("ode-rk4", 200))
     assert torch.allclose(out, exact, atol=1e-6)
-    assert torch.allclose(solve(model, x_t, t, 1, seed=0, method="ode-dopri5"), exact, atol=1e-4)
+    assert torch.allclose(solve(model, x_t, t, Sampler("ode-dopri5", 1)), exact, atol=1e-4)
 
 
 def test_ddpm_subsequence_follows_densepure_rule():
@@ -110,9 +116,9 @@ def test_ddpm_subsequence_follows_densepure_rule():
 def test_bad_solver_and_steps(gmm_model):
     x = torch.zeros(2, 2, dtype=torch.float64)
     with pytest.raises(SdepureError):
-        solve(gmm_model, x, 0.3, 10, seed=0, method="srk")
+        solve(gmm_model, x, 0.3, Sampler("srk", 10), 0)
     with pytest.raises(SdepureError):
-        solve(gmm_model, x, 0.3, 0, seed=0, method="euler")
+        solve(gmm_model, x, 0.3, Sampler("euler", 0), 0)
 
 
 class _CountingModel:
@@ -140,7 +146,7 @@ def test_exact_gradient_in_segments_equals_plain_backprop(gmm_model, method, ste
     def run(grad):
         xi = x.clone().requires_grad_(True)
         counting = _CountingModel(gmm_model)
-        out = solvers.solve(counting, xi, 0.3, steps, seed=9, method=method, grad=grad)
+        out = solvers.solve(counting, xi, 0.3, Sampler(method, steps), 9, grad=grad)
         forward_calls = counting.calls
         (out * weights).sum().backward()
         return out.detach(), xi.grad, forward_calls, counting.calls
@@ -164,7 +170,7 @@ def test_cpu_stream_is_the_one_drawn_before():
     """rng="cpu" increments are exactly torch.randn from a CPU generator seeded (seed, k), in any
     dtype request (drawn float32, then cast), as sdepure drew them before the device option."""
     for dtype in (torch.float32, torch.float64):
-        bm = GridBrownian(5, (4, 3), dtype=dtype, rng="cpu")
+        bm = GridBrownian(5, (4, 3), dtype=dtype, draws=Draws("cpu"))
         for k in (0, 1, 7):
             assert torch.equal(bm.increment(k), _cpu_stream((4, 3), 5, k).to(dtype))
         assert torch.equal(bm(2, 4), _cpu_stream((4, 3), 5, 2).to(dtype) + _cpu_stream((4, 3), 5, 3).to(dtype))
@@ -174,43 +180,46 @@ def test_cpu_stream_is_the_one_drawn_before():
 def test_device_rng_solve_is_reproducible(gmm_model, method):
     x = torch.zeros(16, 2, dtype=torch.float64)
     eta = 1.0 if method == "ddim" else 0.0
-    a = solve(gmm_model, x, 0.25, 6, seed=1, method=method, rng="device", clip_x0=False, eta=eta)
-    b = solve(gmm_model, x, 0.25, 6, seed=1, method=method, rng="device", clip_x0=False, eta=eta)
-    c = solve(gmm_model, x, 0.25, 6, seed=2, method=method, rng="device", clip_x0=False, eta=eta)
+    a = solve(gmm_model, x, 0.25, Sampler(method, 6, eta, clip_x0=False), _noise(1, x, "device"))
+    b = solve(gmm_model, x, 0.25, Sampler(method, 6, eta, clip_x0=False), _noise(1, x, "device"))
+    c = solve(gmm_model, x, 0.25, Sampler(method, 6, eta, clip_x0=False), _noise(2, x, "device"))
     assert torch.equal(a, b) and not torch.allclose(a, c)
     # on the CPU the device generator is the CPU generator: both streams coincide
-    assert torch.equal(a, solve(gmm_model, x, 0.25, 6, seed=1, method=method, rng="cpu", clip_x0=False, eta=eta))
+    assert torch.equal(a, solve(gmm_model, x, 0.25, Sampler(method, 6, eta, clip_x0=False), _noise(1, x, "cpu")))
     with pytest.raises(SdepureError, match="rng"):
-        solve(gmm_model, x, 0.25, 6, seed=1, method=method, rng="gpu")
+        Draws("gpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_rng_on_cuda_is_reproducible_and_cpu_stream_matches_cpu(gmm_model):
     x = torch.zeros(16, 2, dtype=torch.float64)
-    cuda = [solve(gmm_model, x.cuda(), 0.25, 6, seed=1, rng="device").cpu() for _ in range(2)]
+    cuda = [solve(gmm_model, x.cuda(), 0.25, Sampler("euler", 6), _noise(1, x.cuda(), "device")).cpu() for _ in range(2)]
     assert torch.equal(cuda[0], cuda[1])
-    on_cuda_cpu_stream = solve(gmm_model, x.cuda(), 0.25, 6, seed=1, rng="cpu").cpu()
-    assert torch.allclose(on_cuda_cpu_stream, solve(gmm_model, x, 0.25, 6, seed=1, rng="cpu"), atol=1e-10)
+    on_cuda_cpu_stream = solve(gmm_model, x.cuda(), 0.25, Sampler("euler", 6), _noise(1, x.cuda(), "cpu")).cpu()
+    assert torch.allclose(on_cuda_cpu_stream, solve(gmm_model, x, 0.25, Sampler("euler", 6), 1), atol=1e-10)
 
 
 @pytest.mark.parametrize("rng", ["cpu", "device"])
 def test_streams_address_each_row_independently_of_the_others(rng):
     """Row (stream s, row b) gets row b of the plain width-row path seeded derive_seed(seed, s),
     in any order and whichever other rows are present."""
-    width, shape = 5, (5, 3)
-    plain = {s: GridBrownian(derive_seed(9, s), shape, dtype=torch.float64, rng=rng) for s in range(4)}
-    full = GridBrownian(9, (20, 3), dtype=torch.float64, rng=rng, streams=Streams.blocks(range(4), range(5), width))
-    mixed_rows = Streams((3, 0, 3, 1), (4, 2, 0, 2), width)  # unsorted, streams interleaved
-    mixed = GridBrownian(9, (4, 3), dtype=torch.float64, rng=rng, streams=mixed_rows)
+    width, shape, draws = 5, (5, 3), Draws(rng)
+    plain = {s: GridBrownian(derive_seed(9, s), shape, dtype=torch.float64, draws=draws) for s in range(4)}
+    full = GridBrownian(Streams.batch(9, width).runs(range(4), 4), (20, 3), dtype=torch.float64, draws=draws)
+    streams, rows = (3, 0, 3, 1), (4, 2, 0, 2)  # unsorted, streams interleaved
+    mixed = GridBrownian(Streams(tuple(derive_seed(9, s) for s in streams), rows, width), (4, 3),
+                         dtype=torch.float64, draws=draws)
     for k in (0, 3):
         z = full.increment(k)
         for s in range(4):
             assert torch.equal(z[s * 5:(s + 1) * 5], plain[s].increment(k))
         m = mixed.increment(k)
-        for r, (s, b) in enumerate(zip(mixed_rows.stream, mixed_rows.row)):
+        for r, (s, b) in enumerate(zip(streams, rows)):
             assert torch.equal(m[r], plain[s].increment(k)[b])
     with pytest.raises(SdepureError):
         Streams((0, 1), (0, 5), width)
+    with pytest.raises(SdepureError):
+        GridBrownian(Streams.batch(9, 3), (4, 3))  # 3 rows addressed, 4 solved
 
 
 # -- no host-device synchronisation inside a solve ------------------------------------------
@@ -252,8 +261,8 @@ def test_solves_make_no_host_device_traffic_per_step(schedule):
     from sdepure.solvers import SOLVERS
     model = _meta_model(schedule)
     x = torch.empty(6, 1, 8, 8, device="meta")
-    streams = Streams((0, 0, 0, 1, 1, 1), (0, 1, 2, 2, 0, 1), 3)
-    solve(model, x, 0.3, 2, 0, "euler", rng="device", streams=streams)  # lazy one-time set-up
+    streams = Streams((5, 5, 5, 6, 6, 6), (0, 1, 2, 2, 0, 1), 3)
+    solve(model, x, 0.3, Sampler("euler", 2), _noise(streams, x, "device"))  # lazy one-time set-up
     for method in SOLVERS:
         if method == "ode-dopri5":
             continue
@@ -262,7 +271,7 @@ def test_solves_make_no_host_device_traffic_per_step(schedule):
             traffic = {}
             for steps in (2, 4):
                 with _HostTraffic() as watch:
-                    y = solve(model, x, 0.3, steps, 0, method, rng=rng, streams=streams)
+                    y = solve(model, x, 0.3, Sampler(method, steps), _noise(streams, x, rng))
                 assert y.device.type == "meta" and watch.reads == 0, (method, rng)
                 traffic[steps] = watch.copies
             if rng == "device" or not noisy:  # nothing per step (setup may copy an index once)
@@ -282,7 +291,7 @@ def test_item_on_a_device_value_inside_a_solve_is_caught():
     from sdepure.models.base import EpsNetModel
     model = EpsNetModel(Reads(), LinearVP())
     with pytest.raises(Exception, match="meta"):
-        solve(model, torch.empty(2, 4, device="meta"), 0.3, 2, 0, "euler", rng="device")
+        solve(model, torch.empty(2, 4, device="meta"), 0.3, Sampler("euler", 2), _noise(0, torch.empty(2, 4, device="meta"), "device"))
 
 
 # -- exact gradients: input only, at every step count and for every method family -----------
@@ -308,7 +317,7 @@ def test_exact_gradients_are_input_only_and_equal_plain_backprop(method):
         for grad in (None, "exact"):
             model.zero_grad(set_to_none=True)
             xi = x.clone().requires_grad_(True)
-            out = solve(model, xi, 0.3, steps, seed=2, method=method, grad=grad, clip_x0=False)
+            out = solve(model, xi, 0.3, Sampler(method, steps, clip_x0=False), 2, grad=grad)
             (out * w).sum().backward()
             grads[grad] = xi.grad
             weight_grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -330,4 +339,4 @@ def test_fixed_step_ode_loop_equals_torchdiffeq(gmm_model, method):
     func = ProbabilityFlowODE(gmm_model, time_grid(0.3, 0.0, 12), x.shape)
     ts = torch.tensor([0.0, 12.0], dtype=torch.float64)
     ref = torchdiffeq.odeint(func, x, ts, method=ODE_METHODS[method], options={"step_size": 1.0})[-1]
-    assert torch.allclose(solve(gmm_model, x, 0.3, 12, 0, method), ref, atol=1e-12)
+    assert torch.allclose(solve(gmm_model, x, 0.3, Sampler(method, 12)), ref, atol=1e-12)

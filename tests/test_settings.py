@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from sdepure import attacks, purify
+from sdepure import attacks, defense
 from sdepure.errors import SdepureError
 from sdepure.settings import (GRAD_MODES, METHODS, Attack, Certify, Purifier, as_float, as_int,
                               attack_from_config, certify_from_config)
@@ -55,9 +55,9 @@ def test_precedence_defaults_config_command_line():
 
 
 def test_one_vocabulary():
-    assert purify.build.__annotations__["settings"] in ("Purifier", Purifier)
+    assert defense.Defense.__init__.__annotations__["settings"] in ("Purifier", Purifier)
     assert set(GRAD_MODES) >= {"exact", "adjoint", "bpda", "ode"} and METHODS[-1] == "densepure"
-    assert not hasattr(attacks, "ATTACK_METHODS") and not hasattr(purify, "METHODS")
+    assert not hasattr(attacks, "ATTACK_METHODS") and not hasattr(defense, "METHODS")
     for solver in SOLVERS:
         Purifier("diffpure", t_star=0.1, solver=solver)
 

@@ -4,12 +4,15 @@ import itertools
 import pytest
 import torch
 
-from sdepure import purify
+from sdepure import defense as purify
+from sdepure.brownian import GridBrownian, Streams
+from sdepure.defense import Defense
+from sdepure.settings import Purifier
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.rng import derive_seed
 from sdepure.schedules import LinearVP
 from sdepure.smoothing import Smooth, certify_images
-from sdepure.solvers import solve
+from sdepure.solvers import Sampler, solve
 
 from helpers import MEANS, NearestMean
 
@@ -79,26 +82,24 @@ def _first_decided(labels, classes):
 def test_early_stop_gives_the_full_vote_with_fewer_network_calls(solver, votes):
     steps, sigma, classes = 4, 0.2, 3
     model = CountingModel(GaussianMixture(MEANS, [0.08] * 3, weights=[0.4, 0.35, 0.25]), LinearVP())
-    t_star = purify.t_star_for(model.schedule, sigma, "densepure")
-    full = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, steps, solver), NearestMean(MEANS),
-                                     classes, votes, early_stop=False)
-    early = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, steps, solver), NearestMean(MEANS),
-                                      classes, votes)
+    settings = Purifier("densepure", sigma=sigma, votes=votes, steps=steps, solver=solver)
+    full = Defense(Purifier(**{**settings.to_dict(), "early_stop": False}), model, NearestMean(MEANS), classes)
+    early = Defense(settings, model, NearestMean(MEANS), classes)
     gen = torch.Generator().manual_seed(0)
     # noisy inputs around the three means (on [0, 1]): mostly clear-cut votes, some ambiguous
     centers = (torch.tensor(MEANS, dtype=torch.float64) + 1) / 2
     x = centers[torch.arange(64) % 3] + sigma * torch.randn(64, 2, generator=gen, dtype=torch.float64)
     model.rows = 0
-    labels_full = full.predict(x, seed=3)
+    labels_full = full.predict(x, 3)
     rows_full = model.rows
     model.rows = 0
-    labels_early = early.predict(x, seed=3)
+    labels_early = early.predict(x, 3)
     rows_early = model.rows
     assert torch.equal(labels_full, labels_early)
     assert rows_full == steps * votes * len(x)
     # exactly the network calls of a one-at-a-time vote: each input stops at the first run after
     # which its winner is fixed (computed from the full vote's own run labels)
-    run_labels = full.vote_logits(x, seed=3).argmax(-1)
+    run_labels = full.run_logits(x, Streams.batch(3, len(x)), range(votes)).argmax(-1).T
     assert torch.equal(purify.majority_vote(run_labels, classes), labels_full)
     assert rows_early == steps * int(_first_decided(run_labels, classes).sum())
     assert rows_early < rows_full * (0.7 if votes == 40 else 0.85), rows_early / rows_full
@@ -107,16 +108,17 @@ def test_early_stop_gives_the_full_vote_with_fewer_network_calls(solver, votes):
 def test_run_k_gets_the_same_noise_whatever_is_evaluated():
     """Run k of input b is a plain solve of the whole batch with seed derive_seed(seed, k), row b."""
     model = GaussianMixtureModel(GaussianMixture(MEANS, [0.08] * 3), LinearVP())
-    t_star = purify.t_star_for(model.schedule, 0.5, "densepure")
     for solver in ("euler", "ddpm", "ddim"):
-        purifier = purify.ReverseProcess(model, t_star, 5, solver, eta=1.0 if solver == "ddim" else 0.0)
-        base = purify.PurifiedClassifier(purifier, NearestMean(MEANS), 3, votes=4)
+        eta = 1.0 if solver == "ddim" else 0.0
+        base = Defense(Purifier("densepure", sigma=0.5, votes=4, steps=5, solver=solver, eta=eta), model,
+                       NearestMean(MEANS), 3)
         x = torch.rand(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        xt = purifier.ab ** 0.5 * (2 * x - 1)
-        some = base.run_logits(x, 7, runs=[3, 1], draws=[5, 0, 2])
+        xt = base.x_t_star(x)
+        rows = [5, 0, 2]
+        some = base.run_logits(x[rows], Streams.batch(7, 6).take(rows), runs=[3, 1])
         for i, k in enumerate([3, 1]):
-            plain = solve(model, xt, t_star, 5, derive_seed(7, k), solver, eta=purifier.eta)
-            expected = base.classifier((plain.clamp(-1, 1) + 1) / 2)[[5, 0, 2]]
+            plain = solve(model, xt, base.t_star, Sampler(solver, 5, eta), derive_seed(7, k))
+            expected = base.classifier((plain.clamp(-1, 1) + 1) / 2)[rows]
             assert torch.allclose(some[i], expected, atol=1e-12), solver
 
 
@@ -131,11 +133,10 @@ def test_certify_tsv_identical_with_and_without_early_stop():
     model = build_score_model(cfg["model"])
     classifier = build_classifier(cfg["classifier"], False, 10)
     x, y, _ = load_dataset(cfg["data"])
-    t_star = purify.t_star_for(model.schedule, 0.5, "densepure")
     rows = {}
     for early_stop in (False, True):
-        base = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, 3, "euler"), classifier, 10,
-                                         votes=10, early_stop=early_stop)
+        base = Defense(Purifier("densepure", sigma=0.5, votes=10, steps=3, solver="euler", early_stop=early_stop),
+                       model, classifier, 10)
         smooth = Smooth(base.predict, 10, 0.5)
         with torch.no_grad():
             out = certify_images(smooth, x, y, [0, 7, 21], n0=8, n=40, alpha=0.01, batch=24, seed=0)
@@ -148,15 +149,15 @@ def test_certify_tsv_identical_with_and_without_early_stop():
 def test_deterministic_purifier_votes_with_one_run(solver):
     """Runs of a noise-free solver are all equal, so the early-stopped vote evaluates one."""
     model = CountingModel(GaussianMixture(MEANS, [0.08] * 3), LinearVP())
-    t_star = purify.t_star_for(model.schedule, 0.5, "densepure")
     x = torch.rand(32, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     labels = {}
     for early_stop in (False, True):
-        base = purify.PurifiedClassifier(purify.ReverseProcess(model, t_star, 4, solver), NearestMean(MEANS), 3,
-                                         votes=7, early_stop=early_stop)
+        base = Defense(Purifier("densepure", sigma=0.5, votes=7, steps=4, solver=solver, early_stop=early_stop),
+                       model, NearestMean(MEANS), 3)
         model.rows = 0
-        labels[early_stop] = base.predict(x, seed=1)
+        labels[early_stop] = base.predict(x, 1)
         calls_per_row = model.rows // (4 * len(x))
         assert calls_per_row == (1 if early_stop else 7)
     assert torch.equal(labels[True], labels[False])
-    assert not purify.ReverseProcess(model, t_star, 4, "ddim", eta=0.5).deterministic
+    assert not Defense(Purifier("densepure", sigma=0.5, votes=7, steps=4, solver="ddim", eta=0.5), model,
+                       NearestMean(MEANS), 3).deterministic

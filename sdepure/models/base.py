@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SdepureError
+from ..precision import check_precision, run
 from ..schedules import DiscreteVP, VPSchedule
 
 
@@ -34,11 +35,18 @@ TIME_INPUTS: dict[str, Callable[[torch.Tensor, VPSchedule], torch.Tensor]] = {
 
 
 class DiffusionModel(nn.Module):
-    """Base class: subclasses define eps (or score, overriding both)."""
+    """Base class: subclasses define eps (or score, overriding both). A model with a learned
+    variance (Nichol & Dhariwal 2021) sets has_variance and defines eps_variance."""
+    has_variance = False
 
     def __init__(self, schedule: VPSchedule):
         super().__init__()
         self.schedule = schedule
+
+    def eps_variance(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's whole output in one call: the C eps channels, then the C channels v that
+        interpolate the ancestral step's log variance between beta~ (v = -1) and beta (v = 1)."""
+        raise SdepureError(f"{type(self).__name__} has no variance output")
 
     def _coefs(self, t: torch.Tensor, x: torch.Tensor):
         ab = self.schedule.alpha_bar(t).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
@@ -75,13 +83,55 @@ class EpsNetModel(DiffusionModel):
             t_min = 1.0 / schedule.T if isinstance(schedule, DiscreteVP) else 1e-3
         self.t_min = float(t_min)
 
-    def eps(self, x, t):
+    @property
+    def has_variance(self) -> bool:
+        return self.learned_sigma
+
+    def _net(self, x, t):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0]).clamp_min(self.t_min)
-        out = self.net(x, TIME_INPUTS[self.time_input](t, self.schedule).to(x.dtype))
-        if self.learned_sigma:
-            out = out[:, : x.shape[1]]
-        return out
+        return self.net(x, TIME_INPUTS[self.time_input](t, self.schedule).to(x.dtype))
+
+    def eps(self, x, t):
+        out = self._net(x, t)
+        return out[:, : x.shape[1]] if self.learned_sigma else out
+
+    def eps_variance(self, x, t):
+        if not self.learned_sigma:
+            return super().eps_variance(x, t)
+        return self._net(x, t)
 
     def score(self, x, t):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0]).clamp_min(self.t_min)
         return super().score(x, t)
+
+
+class Autocast(DiffusionModel):
+    """`model` with every network call under autocast `precision` (precision.py), results in the
+    input's dtype: bound once where a defense is built, so solvers never see the precision."""
+
+    def __init__(self, model: DiffusionModel, precision: str):
+        super().__init__(model.schedule)
+        check_precision(precision)
+        self.inner, self.precision = model, precision
+
+    @property
+    def has_variance(self) -> bool:
+        return self.inner.has_variance
+
+    def eps(self, x, t):
+        return run(self.inner.eps, x, t, precision=self.precision)
+
+    def score(self, x, t):
+        return run(self.inner.score, x, t, precision=self.precision)
+
+    def x0(self, x, t):
+        return run(self.inner.x0, x, t, precision=self.precision)
+
+    def eps_variance(self, x, t):
+        return run(self.inner.eps_variance, x, t, precision=self.precision)
+
+
+def with_precision(model: DiffusionModel, precision: str) -> DiffusionModel:
+    """The model itself at fp32, else its Autocast wrapper."""
+    check_precision(precision)
+    return model if precision == "fp32" else Autocast(model, precision)

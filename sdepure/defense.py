@@ -1,0 +1,287 @@
+"""The defense, defined once: purify with a diffusion model, classify, vote. Certification (as
+the base classifier of smoothing), every attack, DiffAttack and fixed randomness run this class.
+
+| method    | purifier                                   | votes |
+| none      | identity                                   | 1     |
+| carlini   | one-shot x0 prediction at t*               | 1     |
+| diffpure  | one reverse-process solve from t*          | 1     |
+| densepure | K reverse solves with different noise      | K     |
+
+Scaling. Images are in [0, 1] and the model works in [-1, 1], so noise sigma on images is 2 sigma
+for the model: x_t* = sqrt(alpha_bar(t*)) (2 x_noisy - 1) is exactly a forward-diffused sample at
+t* when x_noisy = x + sigma z and alpha_bar(t*) = 1 / (1 + 4 sigma^2). Certification hands in
+x_noisy (smoothing.Smooth draws that noise); an attack hands in clean x, and the defense draws
+the forward noise itself (`diffuse`).
+
+Noise. Every row's draws are addressed by brownian.Streams and made by one rng.Draws object (the
+settings' `rng`), bound here. A call on clean inputs addressed by `streams` takes its forward
+noise from streams.derive(Draw.FORWARD) and its reverse paths from streams.derive(Draw.PATH).
+
+K-run layout. Run k of every input, run-major (row k B + b); all K runs of an input start from the
+same x_t*, as DensePure purifies one noisy input K times. Run k of input b always gets the same
+path (Streams.runs), so an early-stopped vote gives the full vote's labels.
+
+Vote: the most frequent label wins; among tied labels, the lowest class index.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import precision
+from .brownian import GridBrownian, RowNoise, Streams
+from .errors import SdepureError
+from .models.base import DiffusionModel, with_precision
+from .rng import Draw, Draws
+from .schedules import DiscreteVP, sigma_for_alpha_bar
+from .sde import network_call
+from .settings import REVERSE_METHODS, Purifier
+from .solvers import EXACT_GRAPH_BUDGET, Sampler, graph_bytes, plain_graph_fits, solve
+
+DEFAULT_T_RULE = {"carlini": "first", "diffpure": "nearest", "densepure": "nearest"}
+
+
+def t_star_for(schedule, sigma: float, method: str, rule: str | None = None) -> float:
+    if isinstance(schedule, DiscreteVP):
+        return schedule.t_star(sigma, rule or DEFAULT_T_RULE.get(method, "nearest"))
+    return schedule.t_star(sigma)
+
+
+def resolve_t_star(settings: Purifier, schedule) -> float:
+    """t* given directly, or the time whose noise level matches sigma on this schedule."""
+    if settings.t_star is not None:
+        return settings.t_star
+    return t_star_for(schedule, settings.sigma, settings.method, settings.t_rule)
+
+
+def resolve_variance(variance: str, model: DiffusionModel, solver: str) -> str:
+    """auto: the model's learned variance for ddpm steps where it has one (as DensePure ran its
+    checkpoints), the posterior variance otherwise."""
+    if variance == "auto":
+        return "learned" if solver == "ddpm" and model.has_variance else "posterior"
+    if variance == "learned" and not model.has_variance:
+        raise SdepureError("variance learned needs a diffusion model with a variance output (a learned-sigma "
+                           "checkpoint such as DensePure's ADM models); this one has none: use auto, posterior or beta")
+    return variance
+
+
+def majority_vote(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """labels (B, K) -> (B,): most frequent, ties to the lowest class index."""
+    counts = nn.functional.one_hot(labels, num_classes).sum(1)
+    return counts.argmax(1)  # argmax returns the first maximal index
+
+
+def vote_decided(counts: torch.Tensor, remaining: int) -> torch.Tensor:
+    """(B, classes) vote counts with `remaining` votes still to come -> (B,) bool: True where
+    majority_vote's winner can no longer change. The hardest case for the leader is every
+    remaining vote going to one challenger c; c would win with more votes, or as many and a
+    lower class index (the tie rule)."""
+    lead = counts.argmax(1, keepdim=True)
+    lead_count = counts.gather(1, lead)
+    classes = torch.arange(counts.shape[1], device=counts.device)[None]
+    reach = counts + remaining
+    overtakes = (reach > lead_count) | ((reach == lead_count) & (classes < lead))
+    overtakes &= classes != lead
+    return ~overtakes.any(1)
+
+
+def votes_to_decide(counts: torch.Tensor, remaining: int) -> torch.Tensor:
+    """(B,) the fewest further votes after which each vote could be decided: all of them going to
+    the current leader. No vote is decided sooner, so evaluating this many before looking again
+    costs no network call a one-at-a-time vote would not make."""
+    lead = counts.argmax(1, keepdim=True)
+    lead_count = counts.gather(1, lead)
+    classes = torch.arange(counts.shape[1], device=counts.device)[None]
+    # challenger c stays behind after j more votes for the leader iff
+    # c + remaining - j < lead + j, or equal and c has the higher index
+    gap = counts + remaining - lead_count
+    need = torch.where(classes > lead, (gap + 1) // 2, gap // 2 + 1)
+    need = torch.where(classes == lead, torch.zeros_like(need), need)
+    return need.max(1).values.clamp(1, max(remaining, 1))
+
+
+class Outputs(NamedTuple):
+    """One draw of the defense on a batch of clean inputs."""
+    logits: torch.Tensor            # (B, C) what an attack differentiates (DensePure: the K runs' mean)
+    dev: torch.Tensor | None        # (B,) DiffAttack's deviated-reconstruction loss, when asked for
+    labels: torch.Tensor            # (B,) the defense's own prediction (DensePure: the vote)
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x repeated k times, run-major."""
+    return x if k == 1 else x.repeat(k, *([1] * (x.dim() - 1)))
+
+
+class Defense(nn.Module):
+    """`settings` (validated, sdepure.settings.Purifier) over a diffusion model and a classifier.
+    The networks run at `settings.precision` (bound here, see precision.py); `draws` makes every
+    Gaussian draw (default: the settings' rng stream; tests pass their own)."""
+
+    def __init__(self, settings: Purifier, model: DiffusionModel | None, classifier: nn.Module,
+                 num_classes: int, draws: Draws | None = None):
+        super().__init__()
+        self.settings, self.method, self.votes = settings, settings.method, settings.votes
+        self.num_classes = int(num_classes)
+        self.draws = draws if draws is not None else Draws(settings.rng)
+        self.classifier = precision.with_precision(precision.prepare(classifier), settings.precision)
+        self.model, self.t_star, self.sigma, self.sampler = None, None, None, None
+        if self.method != "none":
+            if model is None:
+                raise SdepureError(f"method {self.method} needs a diffusion model")
+            self.t_star = resolve_t_star(settings, model.schedule)
+            self.alpha_bar = float(model.schedule.alpha_bar(torch.tensor(self.t_star, dtype=torch.float64)))
+            self.sigma = sigma_for_alpha_bar(self.alpha_bar)  # forward noise to t* on the [0, 1] scale
+            if self.method in REVERSE_METHODS:
+                self.sampler = Sampler(settings.solver, settings.steps, settings.eta,
+                                       resolve_variance(settings.variance, model, settings.solver),
+                                       settings.adjoint_method)
+            self.model = with_precision(precision.prepare(model), settings.precision)
+        self.graph_budget = EXACT_GRAPH_BUDGET
+        self._call_bytes_per_row: float | None = None  # measured once, on the first exact solve
+
+    @property
+    def deterministic(self) -> bool:
+        """Every run from the same input gives the same output."""
+        return self.sampler is None or self.sampler.deterministic
+
+    # -- purification ----------------------------------------------------------------------
+
+    def x_t_star(self, x_noisy: torch.Tensor) -> torch.Tensor:
+        return self.alpha_bar ** 0.5 * (2 * x_noisy - 1)
+
+    def solver_grad(self, xt: torch.Tensor) -> str | None:
+        """The solver's gradient mode. Exact gradients recompute network calls in backward only
+        when a plain graph of this solve would not fit graph_budget (solvers.plain_graph_fits);
+        the gradient is the same either way."""
+        grad = self.settings.solver_grad
+        if grad != "exact":
+            return grad
+        if not torch.is_grad_enabled():
+            return None
+        if self._call_bytes_per_row is None:
+            self._call_bytes_per_row = graph_bytes(self.model.score, xt, self.t_star) / xt.shape[0]
+        state = xt[0].numel() * xt.element_size()
+        fits = plain_graph_fits(self.model, self.sampler.method, self.sampler.steps, xt.shape[0],
+                                self._call_bytes_per_row, state, self.graph_budget)
+        return None if fits else "exact"
+
+    def purify(self, x_noisy: torch.Tensor, streams: Streams | None = None, states: bool = False):
+        """Rows of x_noisy ([0, 1], carrying noise of level sigma) -> purified images in [0, 1];
+        `streams` addresses each row's reverse path (a deterministic purifier needs none).
+        states=True (diffpure, densepure): also the solver's states after every step and their
+        times, (purified, states, times)."""
+        if self.method == "none":
+            return x_noisy
+        xt = self.x_t_star(x_noisy)
+        if self.method == "carlini":
+            out = network_call(self.model.x0, xt, self.t_star)
+        else:
+            noise = None
+            if not self.sampler.deterministic:
+                if streams is None:
+                    raise SdepureError(f"the {self.sampler.method} solver draws noise: pass the rows' Streams")
+                noise = GridBrownian(streams, xt.shape, xt.dtype, xt.device, self.draws)
+            out = solve(self.model, xt, self.t_star, self.sampler, noise, self.solver_grad(xt), states)
+            if states:
+                out, traj, times = out
+                return (out.clamp(-1, 1) + 1) / 2, traj, times
+        return (out.clamp(-1, 1) + 1) / 2
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
+
+    # -- certification: the base classifier of smoothing, on noisy inputs --------------------
+
+    def run_logits(self, x_noisy: torch.Tensor, streams: Streams, runs) -> torch.Tensor:
+        """(len(runs), B, classes): the logits of runs `runs` of every row of x_noisy."""
+        runs = list(runs)
+        purified = self.purify(_rows(x_noisy, len(runs)), streams.runs(runs, self.votes))
+        return self.classify(purified).reshape(len(runs), x_noisy.shape[0], -1)
+
+    @torch.no_grad()
+    def predict(self, x_noisy: torch.Tensor, address) -> torch.Tensor:
+        """(B,) labels: the vote over the K runs of each noisy input. `address`: an int seed (one
+        block of the batch) or Streams. With settings.early_stop the runs are evaluated in chunks
+        and an input's vote stops as soon as its winner can no longer change (vote_decided);
+        chunks are sized by votes_to_decide, so no run is evaluated that a one-run-at-a-time vote
+        would skip, and a deterministic purifier votes with one run. The labels are the full
+        vote's."""
+        streams = Streams.batch(address, x_noisy.shape[0]) if isinstance(address, int) else address
+        if self.votes == 1 or not self.settings.early_stop:
+            logits = self.run_logits(x_noisy, streams, range(self.votes))
+            return majority_vote(logits.argmax(-1).T, self.num_classes)
+        if self.deterministic:  # K equal labels: their vote is the label
+            return self.run_logits(x_noisy, streams, [0])[0].argmax(-1)
+        counts = torch.zeros(x_noisy.shape[0], self.num_classes, dtype=torch.long)
+        active, done = torch.arange(x_noisy.shape[0]), 0
+        while len(active):
+            chunk = int(votes_to_decide(counts[active], self.votes - done).min())
+            rows = active.tolist()
+            xs = x_noisy if len(rows) == x_noisy.shape[0] else x_noisy[active.to(x_noisy.device)]
+            labels = self.run_logits(xs, streams.take(rows), range(done, done + chunk)).argmax(-1).cpu()
+            counts[active] += nn.functional.one_hot(labels, self.num_classes).sum(0)
+            done += chunk
+            active = active[~vote_decided(counts[active], self.votes - done)]
+        return counts.argmax(1).to(x_noisy.device)
+
+    # -- attacks: one draw of the defense on clean inputs ------------------------------------
+
+    def diffuse(self, x: torch.Tensor, streams: Streams) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x + sigma z, z): clean x in [0, 1] diffused to t*, z addressed by `streams`."""
+        if self.method == "none":
+            return x, None
+        z = RowNoise(streams, x.shape[1:], self.draws, x.device, x.dtype).draw()
+        return x + self.sigma * z, z
+
+    def purified(self, x: torch.Tensor, streams: Streams, with_dev: bool = False):
+        """(purified rows (K B, ...) in the K-run layout, each row's L_dev or None) for clean x,
+        differentiable as settings.grad says (bpda: the identity in backward)."""
+        x_noisy, z = self.diffuse(x, streams.derive(Draw.FORWARD))
+        if self.method == "none":
+            return x, None
+        k = self.votes
+        paths = streams.derive(Draw.PATH).runs(range(k), k)
+        xr = _rows(x_noisy, k)
+        if self.settings.grad == "bpda":
+            with torch.no_grad():
+                out = self.purify(xr, paths)
+            clean = _rows(x, k)
+            return clean + (out - clean).detach(), None
+        if not with_dev:
+            return self.purify(xr, paths), None
+        if self.sampler is None:
+            raise SdepureError(f"method {self.method} has no reverse process, so no intermediate states")
+        out, traj, times = self.purify(xr, paths, states=True)
+        return out, self.deviation(_rows(x, k), _rows(z, k), traj, times)
+
+    def deviation(self, x: torch.Tensor, z: torch.Tensor, states: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """DiffAttack's deviated-reconstruction loss per row: the mean over the solver's steps of
+        the mean squared difference (model scale) between the reverse state x'_t and the diffusion
+        sample x_t = sqrt(alpha_bar(t)) (2 x - 1) + sqrt(1 - alpha_bar(t)) z, z being the
+        defense's own forward draw (so x_t* is exactly the purifier's input)."""
+        ab = self.model.schedule.alpha_bar(times)
+        ab[times == 0] = 1.0
+        shape = (-1, *([1] * x.dim()))
+        a = ab.sqrt().to(x.dtype).to(x.device).reshape(shape)
+        s = (1 - ab).clamp_min(0).sqrt().to(x.dtype).to(x.device).reshape(shape)
+        forward = a * (2 * x - 1) + s * z  # (n, rows, ...): the diffusion process at the states' times
+        return (states - forward).pow(2).flatten(2).mean(-1).mean(0)
+
+    def forward(self, x: torch.Tensor, streams: Streams, with_dev: bool = False) -> Outputs:
+        """One draw of the defense on clean inputs x ([0, 1]), addressed per input by `streams`."""
+        out, dev = self.purified(x, streams, with_dev)
+        k, b = self.votes, x.shape[0]
+        logits = self.classify(out).reshape(k, b, -1)
+        labels = majority_vote(logits.detach().argmax(-1).T, self.num_classes)
+        dev = dev.reshape(k, b).mean(0) if dev is not None else None
+        return Outputs(logits.mean(0), dev, labels)
+
+    @torch.no_grad()
+    def predict_clean(self, x: torch.Tensor, streams: Streams) -> torch.Tensor:
+        """forward(x, streams).labels, with predict's early-stopped vote."""
+        x_noisy, _ = self.diffuse(x, streams.derive(Draw.FORWARD))
+        if self.method == "none":
+            return self.classify(x).argmax(-1)
+        return self.predict(x_noisy, streams.derive(Draw.PATH))
