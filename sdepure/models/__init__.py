@@ -15,7 +15,8 @@ SCORE_FAMILIES = {
                        "an sdepure weights file (sdepure train digits)"),
     "digits-eps-conv": ("sdepure's small conv eps-network for 8x8 digits", "an sdepure weights file"),
     "adm": ("ADM UNet of guided-diffusion / improved-diffusion; preset guided-256-uncond "
-            "(linear T=1000) or improved-cifar10-uncond (cosine T=4000, learned sigma)",
+            "(linear T=1000) or improved-cifar10-uncond (cosine T=4000, learned sigma); schedule / "
+            "time_input replace the preset's (diffpure-imagenet: continuous VP, floor(1000t))",
             "256x256_diffusion_uncond.pt or cifar10_uncond_50M_500K.pt: a flat state dict"),
     "score-sde": ("score_sde NCSN++/DDPM++ for the continuous VP SDE (beta 0.1..20, time input 999 t); preset "
                   "ddpmpp-deep-continuous (DiffPure's CIFAR-10), ddpmpp-continuous, ncsnpp-*",
@@ -41,15 +42,13 @@ def build_score_model(cfg: dict, allow_pickle: bool = False) -> DiffusionModel:
         net, _ = load_sdepure(weights, family, _SDEPURE_NETS[family], allow_pickle)
         return EpsNetModel(net, schedule, time_input=cfg.get("time_input", "t")).eval()
     if family == "adm":
-        from .adm import ADM_DIFFUSION, load_adm
+        from .adm import ADM_DIFFUSION, adm_eps_model, load_adm
 
         preset = cfg.get("preset")
         if preset not in ADM_DIFFUSION:
             raise SdepureError(f"model family adm needs preset = one of {', '.join(ADM_DIFFUSION)}")
-        info = ADM_DIFFUSION[preset]
         net = load_adm(weights, _with_arch("adm", preset, cfg), allow_pickle)
-        return EpsNetModel(net, schedule_from_config(info["schedule"]), time_input=info["time_input"],
-                           learned_sigma=info["learned_sigma"]).eval()
+        return adm_eps_model(net, preset, schedule=cfg.get("schedule"), time_input=cfg.get("time_input"))
     if family == "score-sde":
         from .ncsnpp import PRESETS, load_score_sde
 

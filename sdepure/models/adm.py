@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import SdepureError
 from ..loaders import load_checkpoint, load_state_dict_strict
 from ..schedules import schedule_from_config
-from .base import EpsNetModel
+from .base import TIME_INPUTS, EpsNetModel
 
 NORM_GROUPS = 32  # fixed in both repositories
 
@@ -320,7 +320,9 @@ ADM_PRESETS: dict[str, dict] = {
         resblock_updown=False, use_new_attention_order=False),
 }
 
-# How each preset's diffusion feeds the network (for EpsNetModel).
+# How each preset's diffusion feeds the network (for EpsNetModel): the schedule and time input the
+# checkpoint was trained with. A config's [model] table may replace either (adm_eps_model), e.g.
+# DiffPure solves the continuous VP SDE with the guided 256x256 network (diffpure-imagenet).
 ADM_DIFFUSION: dict[str, dict] = {
     # --diffusion_steps 1000 --noise_schedule linear; rescale_timesteps False: raw index
     "guided-256-uncond": dict(schedule={"kind": "discrete-linear", "T": 1000}, time_input="index",
@@ -375,13 +377,31 @@ def load_adm(path, preset: str | dict, allow_pickle: bool = False) -> ADMUNet:
     return net.eval()
 
 
-def adm_eps_model(net: ADMUNet, preset: str, t_min: float | None = None) -> EpsNetModel:
-    """Wrap a loaded preset network in sdepure's DiffusionModel convention (continuous t in [0, 1])."""
+def adm_eps_model(net: ADMUNet, preset: str, t_min: float | None = None, schedule: dict | None = None,
+                  time_input: str | None = None) -> EpsNetModel:
+    """Wrap a loaded preset network in sdepure's DiffusionModel convention (continuous t in [0, 1]).
+    `schedule` (a schedule table such as {"kind": "linear", "beta_min": 0.1, "beta_max": 20.0}) and
+    `time_input` (a name in TIME_INPUTS) replace the preset's ADM_DIFFUSION entry when given."""
     if preset not in ADM_DIFFUSION:
         raise SdepureError(f"unknown ADM preset {preset!r}; known: {', '.join(ADM_DIFFUSION)}")
     info = ADM_DIFFUSION[preset]
-    return EpsNetModel(net, schedule_from_config(info["schedule"]), time_input=info["time_input"],
-                       learned_sigma=info["learned_sigma"], t_min=t_min).eval()
+    if schedule is None:
+        schedule = info["schedule"]
+    elif not isinstance(schedule, dict):
+        raise SdepureError("model.schedule must be a table such as {kind = \"linear\", beta_min = 0.1, "
+                           "beta_max = 20.0}")
+    if time_input is None:
+        time_input = info["time_input"]
+    elif not isinstance(time_input, str):
+        raise SdepureError(f"model.time_input must be a name: one of {', '.join(TIME_INPUTS)}")
+    model = EpsNetModel(net, schedule_from_config(schedule), time_input=time_input,
+                        learned_sigma=info["learned_sigma"], t_min=t_min).eval()
+    # a table-index time input on a continuous schedule would only fail at the first network call
+    try:
+        TIME_INPUTS[time_input](torch.full((1,), 0.5), model.schedule)
+    except SdepureError as e:
+        raise SdepureError(f"time input {time_input!r} with schedule {model.schedule.describe()}: {e}") from None
+    return model
 
 
 __all__ = ["ADMUNet", "ADM_PRESETS", "ADM_DIFFUSION", "adm_config", "load_adm", "adm_eps_model",

@@ -28,7 +28,11 @@ def _table(schedule: VPSchedule) -> DiscreteVP:
 TIME_INPUTS: dict[str, Callable[[torch.Tensor, VPSchedule], torch.Tensor]] = {
     "t": lambda t, s: t,                       # networks trained here on continuous t
     "999t": lambda t, s: 999.0 * t,            # score_sde continuous VP
-    "1000t": lambda t, s: 1000.0 * t,          # DiffPure's feed to guided-diffusion
+    "1000t": lambda t, s: 1000.0 * t,          # DiffPure's scale, unfloored
+    # DiffPure's feed to guided-diffusion on the continuous VP SDE: (t.float() * 1000).long(). The
+    # float32 cast matters: a float64 grid time such as 0.11299999999999999 floors to 112, its
+    # float32 value to 113, as DiffPure's does.
+    "floor(1000t)": lambda t, s: torch.floor(t.float() * 1000.0),
     "index": lambda t, s: _table(s).index_of_time(t),                          # guided-diffusion
     "index-rescaled": lambda t, s: _table(s).index_of_time(t) * 1000.0 / _table(s).T,  # improved-diffusion
 }
