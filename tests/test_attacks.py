@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from sdepure import attacks
-from sdepure.attacks import input_gradient, relative_error
+from sdepure.attacks import AttackedModel, input_gradient, relative_error
 from sdepure.brownian import Streams
 from sdepure.classifiers import build_classifier
 from sdepure.data import load_digits
@@ -12,7 +12,7 @@ from sdepure.models import build_score_model
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.rng import Draw, Draws, derive_seed
 from sdepure.schedules import LinearVP
-from sdepure.defense import majority_vote
+from sdepure.defense import Defense, majority_vote
 from sdepure.solvers import Sampler, solve
 
 from helpers import MEANS, NearestMean, attacked
@@ -169,3 +169,54 @@ def test_attacked_model_bad_settings(digits):
             attacked(**args)
     with pytest.raises(SdepureError):
         attacked("diffpure", classifier, 10, None, 0.1)
+
+
+def test_no_two_phases_of_an_attack_run_draw_from_the_same_seed(tiny, monkeypatch):
+    """Every seed a PGD run draws from (sdepure.rng's address tree), grouped by the phase that drew
+    it (clean flags, the attack's calls, robust flags, each scoring): no seed serves two phases.
+    Before the attack's calls moved under their own phase, call c of the attack had the seed of
+    phase c, and the clean-flag pass's first forward draw was the attack's first Brownian one."""
+    from sdepure import experiments
+    from sdepure.config import load_config
+    from sdepure.rng import AttackPhase
+    from sdepure.settings import attack_from_config
+
+    phase, drawn = ["setup"], {}
+    real_randn, real_reset, real_score = Draws.randn, AttackedModel.reset, attacks.score_defense
+
+    def randn(self, shape, seed, *args, **kwargs):
+        drawn.setdefault(seed, set()).add(phase[0])
+        return real_randn(self, shape, seed, *args, **kwargs)
+
+    def reset(self, seed):
+        phase[0] = ("calls", seed)
+        return real_reset(self, seed)
+
+    def score(model, x, y, draws, seed, batch):
+        phase[0] = ("score", seed)
+        return real_score(model, x, y, draws, seed, batch)
+
+    monkeypatch.setattr(Draws, "randn", randn)
+    monkeypatch.setattr(AttackedModel, "reset", reset)
+    monkeypatch.setattr(attacks, "score_defense", score)
+    cfg = load_config(str(tiny))
+    settings = attack_from_config(cfg, "pgd", {"pgd_steps": 2, "eot": 2, "seed": 4})
+    experiments.attack(cfg, settings, "cpu")
+    phases = {p for ps in drawn.values() for p in ps}
+    assert {("calls", derive_seed(4, AttackPhase.CLEAN_FLAGS)), ("calls", derive_seed(4, AttackPhase.CALLS)),
+            ("calls", derive_seed(4, AttackPhase.ROBUST_FLAGS))} <= phases and len(drawn) > 20
+    shared = {seed: ps for seed, ps in drawn.items() if len(ps) > 1}
+    assert not shared, shared
+
+    # the test sees a collision where there is one: the old addressing (attack calls under the run seed)
+    def seeds_of(reset_seed):
+        drawn.clear()
+        target = AttackedModel(Defense(settings.purifier, *_tiny_nets(cfg)), reset_seed)
+        target(torch.rand(3, 1, 8, 8))
+        return set(drawn)
+    assert seeds_of(4) & seeds_of(derive_seed(4, AttackPhase.CLEAN_FLAGS))
+
+
+def _tiny_nets(cfg):
+    from sdepure.classifiers import build_classifier
+    return build_score_model(cfg["model"]), build_classifier(cfg["classifier"], False, 10), 10

@@ -402,6 +402,38 @@ def test_log_mode_progress_has_no_carriage_returns_and_one_line_per_image(tiny, 
         assert f"label {cell[1]} predict {cell[2]} radius {cell[3]} correct {cell[4]}" in line
 
 
+@pytest.mark.parametrize("flags", [["--rng", "cpu"], ["--full-vote"], ["--solver", "ddpm", "--variance", "beta"]])
+def test_a_run_resumes_with_resume_alone_whatever_its_settings(tiny, tmp_path, run_cli, flags):
+    """Every setting comes back from run.json (settings serialise themselves), so a run started
+    with non-default flags resumes with --resume DIR alone and ends as the uninterrupted run."""
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    certify_ok(run_cli, "--config", str(tiny), *flags, "--out", str(whole))
+    certify_ok(run_cli, "--config", str(tiny), *flags, "--out", str(run))
+    text = (run / "certify.tsv").read_text()
+    (run / "certify.tsv").write_text(text[:text.rindex("2\t")] + "2\t")  # the last row torn, as after a kill
+    (run / "summary.json").unlink()
+    certify_ok(run_cli, "--resume", str(run))
+    assert cells(run) == cells(whole)
+
+
+def test_a_record_without_the_newer_settings_resumes_as_it_ran(tiny, tmp_path, run_cli):
+    """run.json from before rng, early_stop and variance existed: it reads as the CPU stream, and the
+    resumed rows equal the run's own."""
+    run = tmp_path / "run"
+    certify_ok(run_cli, "--config", str(tiny), "--solver", "ddpm", "--out", str(run))
+    before = cells(run)
+    record = json.loads((run / "run.json").read_text())
+    for key in ("rng", "early_stop", "variance"):
+        del record["settings"]["purifier"][key]
+    (run / "run.json").write_text(json.dumps(record))
+    text = (run / "certify.tsv").read_text()
+    (run / "certify.tsv").write_text(text[:text.rindex("2\t")])
+    certify_ok(run_cli, "--resume", str(run))
+    assert cells(run) == before
+    resumed = runs.load_record(run)["settings"]["purifier"]
+    assert (resumed["rng"], resumed["variance"]) == ("cpu", "posterior")
+
+
 @pytest.fixture
 def partial_run(tiny, tmp_path, run_cli):
     """A run of 3 images with its last row removed and torn, as after a kill."""

@@ -98,3 +98,68 @@ def test_certify_and_attack_refusals():
 def test_unknown_config_key_is_refused():
     with pytest.raises(SdepureError, match="unknown key 'stesp' in \\[method\\]"):
         certify_from_config({**CFG, "method": {"stesp": 3}}, {})
+
+
+# -- serialisation: every field survives the round trip through a run record ------------------
+
+PURIFIERS = [  # between them, every Purifier field away from its default
+    Purifier("densepure", sigma=0.3, votes=4, steps=7, solver="ddpm", t_rule="first", grad="bpda",
+             precision="bf16", rng="cpu", early_stop=False, variance="beta"),
+    Purifier("diffpure", sigma=0.2, t_star=0.3, solver="ddim", eta=0.5),
+    Purifier("diffpure", sigma=0.2, solver="heun", grad="adjoint", adjoint_method="midpoint"),
+]
+CERTIFIES = [Certify(p, n0=7, n=33, alpha=0.01, batch=9, start=2, stop=40, skip=3, seed=5) for p in PURIFIERS]
+ATTACKS = [
+    Attack(Purifier("densepure", t_star=0.2, votes=3), kind="pgd", norm="L2", eps=0.5, n_examples=5, start=1,
+           batch=4, score_draws=7, pgd_steps=9, eot=4, step_size=0.01, eot_batch=2, seed=3, threads=1),
+    Attack(Purifier("diffpure", t_star=0.2), kind="diffattack", version="standard", dev_weight=0.5,
+           fixed_randomness=True),
+]
+
+
+def _covers_every_field(objects, cls):
+    default = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    for name in default:
+        assert any(getattr(o, name) != default[name] for o in objects), \
+            f"no sample sets {cls.__name__}.{name}: add one, so that its round trip is tested"
+
+
+def test_every_setting_round_trips_through_a_record():
+    import json
+    _covers_every_field(PURIFIERS, Purifier)
+    _covers_every_field(CERTIFIES, Certify)
+    _covers_every_field(ATTACKS, Attack)
+    for cls, objects in ((Certify, CERTIFIES), (Attack, ATTACKS), (Purifier, PURIFIERS)):
+        for o in objects:
+            assert cls.from_dict(json.loads(json.dumps(o.to_dict()))) == o
+    for c in CERTIFIES:  # and through the flat names a resume applies flags with
+        assert certify_from_config({}, {}, base=c) == c
+        assert certify_from_config({}, {"n": 50, "rng": "device"}, base=c) == Certify(
+            Purifier(**{**c.purifier.to_dict(), "rng": "device"}), **{**_fields(c), "n": 50})
+
+
+def _fields(c):
+    return {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name != "purifier"}
+
+
+def test_a_record_from_before_a_setting_reads_as_that_run_ran():
+    """Keys an older sdepure did not write: the posterior ddpm variance and the CPU stream."""
+    old = {"purifier": {"method": "densepure", "sigma": 0.5, "votes": 4, "steps": 5, "solver": "ddpm"},
+           "n0": 8, "n": 20}
+    p = Certify.from_dict(old).purifier
+    assert (p.variance, p.rng) == ("posterior", "cpu")
+    euler = {"purifier": {**old["purifier"], "solver": "euler"}}
+    assert Certify.from_dict(euler).purifier.variance == "auto"  # no ddpm step: nothing to choose
+    with pytest.raises(SdepureError, match="unknown purifier setting 'speed'"):
+        Certify.from_dict({"purifier": {**old["purifier"], "speed": 2}})
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"variance": "learnt"}, "unknown variance"),
+    ({"variance": "posterior"}, "ddpm solver"),           # euler has no step variance to choose
+    ({"variance": "beta", "solver": "ddim"}, "ddpm solver"),
+    ({"method": "carlini", "variance": "learned"}, "method carlini"),
+])
+def test_variance_refusals(kwargs, needle):
+    with pytest.raises(SdepureError, match=needle):
+        Purifier(**{"method": "diffpure", "t_star": 0.1, **kwargs})
