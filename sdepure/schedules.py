@@ -144,9 +144,15 @@ class DiscreteVP(VPSchedule):
         """Fractional table index of continuous t (t = (i + 1) / T)."""
         return _as_tensor(t) * self.T - 1
 
+    # a time within this many table steps above a knot counts as the knot: a float64 grid such as
+    # linspace(0.15, 0, 150) puts some nodes a rounding error above theirs, and beta there must be
+    # the segment below, the one the step from that node covers
+    KNOT_TOLERANCE = 1e-9
+
     def _segment(self, t):
         t = _as_tensor(t)
-        k = torch.clamp(torch.ceil(t.detach().to(torch.float64) * self.T).long() - 1, 0, self.T - 1)
+        u = t.detach().to(torch.float64) * self.T
+        k = torch.clamp(torch.ceil(u - self.KNOT_TOLERANCE).long() - 1, 0, self.T - 1)
         return t, k
 
     def log_alpha_bar(self, t):

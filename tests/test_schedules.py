@@ -82,3 +82,14 @@ def test_bad_inputs():
         schedule_from_config({"kind": "linear", "beta_mn": 0.1})
     with pytest.raises(SdepureError):
         DiscreteVP.linear(1000).t_index_star(1e6, "first")
+
+
+def test_table_beta_on_a_float_grid_reads_the_segment_each_step_covers():
+    """linspace(0.15, 0, 150) in float64 puts some nodes a rounding error above their knot k / T;
+    beta there is the segment below the knot (the one the step from it covers), as at the knot itself."""
+    table = DiscreteVP.linear(1000)
+    grid = torch.linspace(0.15, 0.0, 151, dtype=torch.float64)[:-1]
+    knots = torch.round(grid * 1000) / 1000
+    assert (grid != knots).any()  # the grid does sit off its knots
+    assert torch.equal(table.beta(grid), table.beta(knots))
+    assert torch.allclose(table.alpha_bar(grid), table.alpha_bar(knots), rtol=1e-12)
