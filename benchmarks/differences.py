@@ -1,6 +1,6 @@
 """Where sdepure deliberately differs from the authors' code, and by how much (measured).
 
-Each entry puts sdepure's own functions (schedules, solvers, purifiers, image preprocessing) on
+Each entry puts sdepure's own functions (schedules, solvers, the defense, image preprocessing) on
 one side and, on the other, a short expression of what the authors' code computes, written here
 from facts checked in their repositories (file and function named in each entry's
 `authors_code`; nothing is imported from them):
@@ -12,8 +12,10 @@ from facts checked in their repositories (file and function named in each entry'
 Sizes that need a network use the digits eps-network shipped with sdepure (a trained model;
 nothing can be downloaded) or a random smooth image; a few differences cannot be sized
 without the real checkpoints and say so. Prints one JSON object on stdout ("differences": one
-entry per difference, with what, authors_code, sdepure, size, unit, how and the figures behind
-the size in "detail") and writes the README table as markdown (--md). About 20 s on one thread.
+entry per remaining difference, with what, authors_code, sdepure, size, unit, how, the figures
+behind the size in "detail" and a short "cell" for the README; "fixed": the differences sdepure
+has since removed, one line each with the size they had before) and writes the README table as
+markdown (--md). About 20 s on one thread.
 
     python benchmarks/differences.py [--md benchmarks/differences.md] [--threads 1]
 """
@@ -36,13 +38,15 @@ from sdepure.brownian import GridBrownian
 from sdepure.classifiers.external import PAPER_INPUTS, InputAdapter
 from sdepure.config import load_config
 from sdepure.data import load_digits
+from sdepure.defense import Defense, majority_vote, t_star_for
 from sdepure.imagedata import IMAGENET_PREPROCESSING, preprocess_image
 from sdepure.models import build_score_model
+from sdepure.models.adm import adm_eps_model
 from sdepure.models.base import DiffusionModel, EpsNetModel
-from sdepure.purify import ReverseProcess, majority_vote, t_star_for
 from sdepure.rng import derive_seed, randn
 from sdepure.schedules import DiscreteVP, LinearVP, alpha_bar_for_sigma
 from sdepure.sde import time_grid
+from sdepure.settings import Purifier
 
 DIFFPURE = "NVlabs/DiffPure"
 DENSEPURE = "Jayfeather1024/DensePure"
@@ -117,16 +121,20 @@ def densepure_chain(table: str, sigma: float) -> dict:
 
 
 def sdepure_chain(schedule: DiscreteVP, sigma: float) -> dict:
-    """sdepure's densepure purifier on the same table: t* by purify.t_star_for, input scale as
-    ReverseProcess computes it, the subsequence and its alpha_bar as solvers.ddpm_ancestral reads
-    them (solvers._subsequence), and the table indices the network is fed."""
+    """sdepure's densepure defense on the same table: t* by defense.t_star_for (checked equal to the
+    Defense's own), the input scale sqrt(Defense.alpha_bar) that Defense.x_t_star applies, the
+    subsequence and its alpha_bar as solvers.ddpm_ancestral reads them (solvers._subsequence), and
+    the table indices the network is fed."""
     model = DiffusionModel(schedule)
     t_star = t_star_for(schedule, sigma, "densepure")
-    rp = ReverseProcess(model, t_star, B, "ddpm")
+    defense = Defense(Purifier("densepure", sigma=sigma, steps=B, solver="ddpm"), model, torch.nn.Identity(), 10)
+    assert defense.t_star == t_star
+    x = torch.full((1, 1), 0.75, dtype=torch.float64)  # x_t* = scale (2 x - 1) = scale / 2
+    scale = 2 * float(defense.x_t_star(x))
     times, ab = solvers._subsequence(model, t_star, B)
     idx = [round(float(schedule.index_of_time(torch.tensor(t, dtype=torch.float64)))) for t in times[:-1]]
     return {"t_star_index": round(float(schedule.index_of_time(torch.tensor(t_star, dtype=torch.float64)))),
-            "idx": idx, "ab": ab[:-1], "scale": math.sqrt(rp.ab)}
+            "idx": idx, "ab": ab[:-1], "scale": scale}
 
 
 def noise_level(ab: float) -> float:
@@ -134,7 +142,8 @@ def noise_level(ab: float) -> float:
     return math.sqrt(1.0 / ab - 1.0)
 
 
-def densepure_entries() -> list[dict]:
+def densepure_entries() -> tuple[list[dict], dict]:
+    """The DensePure rows, and the fixed learned-variance difference (its size before the fix)."""
     tables = {"imagenet": DiscreteVP.linear(1000), "cifar10": DiscreteVP.cosine(4000)}
     scale_rows, chain_rows, offby1_rows, var_rows = [], [], [], []
     for name, schedule in tables.items():
@@ -181,12 +190,12 @@ def densepure_entries() -> list[dict]:
             "authors_code": f"{DENSEPURE}: runners/diffpure_guided_densepure.py GuidedDiffusion.__init__ and "
                             "runners/diffpure_ddpm_densepure.py Diffusion.__init__ (self.scale), applied in "
                             "image_editing_sample",
-            "sdepure": "sqrt(alpha_bar(t*)) of the schedule at its t* (purify.ReverseProcess.ab): the input is "
+            "sdepure": "sqrt(alpha_bar(t*)) of the schedule at its t* (defense.Defense.x_t_star): the input is "
                        "exactly a forward-diffused sample at the chain's first step",
             "size": f"{span(min(scale_abs), max(scale_abs))} relative",
             "unit": "relative difference of the input scale, |DensePure / sdepure - 1|",
             "how": "both tables (ImageNet linear T=1000, CIFAR-10 cosine T=4000) at sigma 0.25, 0.5, 1.0, b=10; "
-                   "sdepure's t* from purify.t_star_for, its scale from ReverseProcess",
+                   "sdepure's t* from defense.t_star_for (the Defense's own), its scale from Defense.x_t_star",
             "detail": scale_rows,
         },
         {
@@ -197,6 +206,8 @@ def densepure_entries() -> list[dict]:
                             "(indices_t_steps branch: betas from alphas_cumprod_origin[t2] / alphas_cumprod_origin[t1] "
                             "over [0, idx_(b-1), ..., idx_0])",
             "sdepure": "the table's alpha_bar at each step (solvers._subsequence), alpha_bar = 1 at t = 0",
+            "cell": f"alpha_bar {span(min(imagenet_ab), max(imagenet_ab))} higher, noise level up to "
+                    f"{pct(max(imagenet_level), 1)} lower (relative)",
             "size": f"alpha_bar {span(min(imagenet_ab), max(imagenet_ab))} higher at every step, noise level "
                     f"{span(min(imagenet_level), max(imagenet_level))} lower (relative)",
             "unit": "relative difference along the chain, DensePure / sdepure - 1 (alpha_bar higher, noise level "
@@ -216,6 +227,9 @@ def densepure_entries() -> list[dict]:
                             "Diffusion.__init__ (self.t)",
             "sdepure": "the table index nearest the target noise ratio (t_rule nearest) and the table's alpha_bar "
                        "at the index the network is fed",
+            "cell": f"alpha_bar up to {pct(max(offby1))} higher, noise level up to {pct(max(offby1_level))} lower; "
+                    f"index +1 at {sum(d == 1 for c in cifar_shift for d in c['index_difference'])} of "
+                    f"{sum(len(c['index_difference']) for c in cifar_shift)} steps",
             "size": f"alpha_bar {span(min(offby1), max(offby1))} higher, noise level "
                     f"{span(min(offby1_level), max(offby1_level))} lower (relative); model index +1 at "
                     f"{sum(d == 1 for c in cifar_shift for d in c['index_difference'])} of "
@@ -227,21 +241,14 @@ def densepure_entries() -> list[dict]:
                    "index above sdepure's: there the two offsets cancel",
             "detail": {"off_by_one": offby1_rows, "against_sdepure": cifar_shift},
         },
-        {
-            "id": "densepure-learned-variance",
-            "what": "DensePure's DDPM steps use the checkpoints' learned variance exp(v' log beta + (1-v') log beta~); "
-                    "sdepure drops the variance channels and always uses beta~",
-            "authors_code": f"{DENSEPURE}: guided_diffusion/ and improved_diffusion/gaussian_diffusion.py "
-                            "GaussianDiffusion.p_mean_variance (LEARNED_RANGE) on the chain set by p_sample",
-            "sdepure": "models/base.py EpsNetModel.eps keeps the first C channels; solvers.ddpm_ancestral's noise is "
-                       "sqrt(beta~) (the learned variance at v = -1)",
-            "size": f"DensePure's step noise std up to {var_lo:.2f} to {var_hi:.2f} times sdepure's (sqrt(beta / beta~))",
-            "unit": "bound on the ratio of the step's noise std, DensePure / sdepure: sqrt(beta / beta~) per noisy "
-                    "step (the actual ratio lies between 1 and this, set by the network's v)",
-            "how": "DensePure's respaced chains, both tables, sigma 0.25, 0.5, 1.0, b=10, the 9 steps that add noise",
-            "detail": var_rows,
-        },
-    ]
+    ], {
+        "id": "densepure-learned-variance",
+        "where": "DensePure, DDPM step noise",
+        "line": "DensePure's DDPM steps use the checkpoints' learned variance; sdepure used beta~ only, and now "
+                "uses the learned variance for ddpm on models that have one (variance auto; tests/test_variance.py)",
+        "size_before": f"DensePure's step noise std up to {var_lo:.2f} to {var_hi:.2f} times sdepure's "
+                       "(sqrt(beta / beta~) on DensePure's respaced chains, both tables, sigma 0.25, 0.5, 1.0, b=10)",
+    }
 
 
 def densepure_vote_entry(seed: int = 0, n: int = 2000, k: int = 4, classes: int = 10) -> dict:
@@ -272,7 +279,9 @@ def densepure_vote_entry(seed: int = 0, n: int = 2000, k: int = 4, classes: int 
         "id": "densepure-vote-ties",
         "what": "vote ties: DensePure takes the tied label seen first in run order, sdepure the lowest class index",
         "authors_code": f"{DENSEPURE}: results/merge_results.py gain_results (max(list(preds), key=list(preds).count))",
-        "sdepure": "purify.majority_vote (lowest class; deterministic whatever order the runs finish in)",
+        "sdepure": "defense.majority_vote (lowest class; deterministic whatever order the runs finish in)",
+        "cell": f"{uniform['differ']} / {skewed['differ']} of {n} votes (uniform labels / runs right w.p. 0.6), "
+                "all ties",
         "size": f"{uniform['differ']} of {n} votes (uniform labels), {skewed['differ']} of {n} (runs right w.p. 0.6); "
                 "all ties",
         "unit": f"votes of K={k} over {classes} classes whose winner differs (every one a tie)",
@@ -316,6 +325,8 @@ def carlini_entry() -> dict:
                         "(diffusion.q_sample); */core.py Smooth._sample_noise adds no noise of its own",
         "sdepure": "adds exactly sigma (Smooth) and scales by sqrt(alpha_bar(t*)); the network is then told a noise "
                    "level up to the same ratio above the actual one",
+        "cell": f"effective sigma up to {pct(grid_max['imagenet']['max'])} (ImageNet) / "
+                f"{pct(grid_max['cifar10']['max'])} (CIFAR-10) above the certified sigma",
         "size": f"effective sigma up to {pct(grid_max['imagenet']['max'])} (ImageNet) / "
                 f"{pct(grid_max['cifar10']['max'])} (CIFAR-10) above the certified one; ImageNet {pct(at[0.25])} / "
                 f"{pct(at[0.5])} / {pct(at[1.0])} at sigma 0.25 / 0.5 / 1.0",
@@ -331,6 +342,8 @@ def carlini_entry() -> dict:
 # ---------------------------------------------------------------------------------------------
 
 T_STARS = {"cifar10-linf": 100, "cifar10-l2": 75, "imagenet": 150}  # DiffPure's --t, in 1/1000
+CONFIGS = {"cifar10-linf": "diffpure-cifar10-linf", "cifar10-l2": "diffpure-cifar10-l2",  # sdepure's
+           "imagenet": "diffpure-imagenet"}
 
 
 def diffpure_grid(t_int: int) -> torch.Tensor:
@@ -373,24 +386,80 @@ def diffpure_euler(model, x: torch.Tensor, t_nodes: torch.Tensor, z) -> torch.Te
     return x
 
 
-def diffpure_entries(n_images: int = 120) -> list[dict]:
+class TimeRecorder(torch.nn.Module):
+    """A stand-in network: records the time input it is fed and returns eps = 0 (2C output channels for a
+    learned-sigma model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fed: list[torch.Tensor] = []
+        self.channels = 1  # output channels per input channel
+
+    def forward(self, x, t):
+        self.fed.append(t.detach().clone())
+        return torch.zeros(x.shape[0], self.channels * x.shape[1], *x.shape[2:], dtype=x.dtype)
+
+
+def sdepure_diffpure_model(name: str, net: torch.nn.Module) -> DiffusionModel:
+    """sdepure's model for a DiffPure config around `net`: for ImageNet the config's [model] table over the
+    guided-256 preset (adm_eps_model, as build_score_model calls it), for CIFAR-10 score_sde's continuous
+    VP (build_score_model's wrapping of family score-sde)."""
+    cfg = load_config(CONFIGS[name])["model"]
+    if cfg["family"] == "adm":
+        return adm_eps_model(net, cfg["preset"], schedule=cfg.get("schedule"), time_input=cfg.get("time_input"))
+    assert cfg["family"] == "score-sde"
+    return EpsNetModel(net, LinearVP(0.1, 20.0), time_input="999t")
+
+
+def fed_time_inputs(name: str, t_star: float, steps: int) -> torch.Tensor:
+    """The time input sdepure's config model feeds its network at each Euler step of its solve (recorded)."""
+    net = TimeRecorder()
+    model = sdepure_diffpure_model(name, net)
+    net.channels = 2 if model.has_variance else 1
+    with torch.no_grad():
+        solvers.solve(model, torch.zeros(1, 3, 2, 2), t_star, solvers.Sampler("euler", steps), 0)
+    return torch.cat(net.fed)
+
+
+def time_input_row(name: str, t_int: int) -> dict:
+    """The network's time input at each step of DiffPure's solve (computed from its recorded float32 nodes as
+    its code does) and of sdepure's (recorded from solvers.solve on the config's model). ImageNet: which
+    steps differ; CIFAR-10 (continuous 999 t): how many, and by how much at most."""
+    s = diffpure_grid(t_int)[:-1]
+    fed_sd = fed_time_inputs(name, t_int / 1000, t_int)
+    assert len(fed_sd) == t_int
+    if name == "imagenet":
+        fed_dp = ((1 - s).float() * 1000).long().double()  # _scale_timesteps: (t.float() * N).long(), t = 1 - s
+    else:
+        fed_dp = (999 * (1 - s)).double()  # score_sde's get_score_fn: labels = t * 999 (float32)
+    differ = (fed_dp != fed_sd).nonzero().flatten().tolist()
+    return {"setting": name, "steps": t_int, "max_abs_difference": (fed_dp - fed_sd).abs().max().item(),
+            "differing_steps": differ if name == "imagenet" else len(differ),
+            "diffpure_first": fed_dp[:3].tolist(), "sdepure_first": fed_sd[:3].tolist()}
+
+
+def diffpure_entries(n_images: int = 120) -> tuple[list[dict], dict]:
+    """The DiffPure rows, and the fixed ImageNet schedule difference (its size before the fix)."""
     model = digits_model()
     x0, _ = load_digits("test")
     x0 = 2 * x0[:n_images] - 1
-    cont = LinearVP(0.1, 20.0)
+    cont = LinearVP(0.1, 20.0)  # DiffPure's RevVPSDE (beta_min 0.1, beta_max 20)
     table = DiscreteVP.linear(1000)
     # DiffPure noises with the discrete linear betas beta_min/N .. beta_max/N (float32, N = 1000)
     a_disc = torch.cumprod(1 - torch.linspace(0.1 / 1000, 20 / 1000, 1000), 0)
 
-    noising, grid_rows, clamp_rows, sched_rows = [], [], [], []
+    noising, grid_rows, clamp_rows, feed_rows, sched_rows = [], [], [], [], []
     for name, t_int in T_STARS.items():
         t_star = t_int / 1000
+        attack = load_config(CONFIGS[name])["attack"]
+        assert (attack["t_star"], attack["steps"], attack["solver"]) == (t_star, t_int, "euler"), attack
         a_dp = float(a_disc[t_int - 1])
-        # sdepure noises with its schedule's alpha_bar(t*): continuous for score_sde (CIFAR-10), the table for
-        # the guided-diffusion checkpoint (ImageNet)
-        sd_schedule = table if name == "imagenet" else cont
-        a_sd = float(sd_schedule.alpha_bar(torch.tensor(t_star, dtype=torch.float64)))
         a_cont = float(cont.alpha_bar(torch.tensor(t_star, dtype=torch.float64)))
+        # sdepure noises to t* with sigma from its model's alpha_bar(t*) (Defense.diffuse)
+        sd_model = sdepure_diffpure_model(name, TimeRecorder())
+        defense = Defense(Purifier("diffpure", t_star=t_star, steps=t_int, solver="euler"), sd_model,
+                          torch.nn.Identity(), 10)
+        a_sd = defense.alpha_bar
         noising.append({"setting": name, "t_star": t_star, "diffpure_noise_alpha_bar": a_dp,
                         "diffpure_solve_alpha_bar": a_cont, "sdepure_alpha_bar": a_sd,
                         "noise_vs_solve_relative": a_dp / a_cont - 1,
@@ -408,7 +477,7 @@ def diffpure_entries(n_images: int = 120) -> list[dict]:
         seed = derive_seed(13, t_int)
         xt = math.sqrt(a_sd) * x0 + math.sqrt(1 - a_sd) * randn(x0.shape, derive_seed(seed, 0))
         with torch.no_grad():
-            ours = solvers.solve(model, xt, t_star, t_int, derive_seed(seed, 1), "euler")
+            ours = solvers.solve(model, xt, t_star, solvers.Sampler("euler", t_int), derive_seed(seed, 1))
             bm = GridBrownian(derive_seed(seed, 1), xt.shape)
             # check: the hand-written step on sdepure's own grid reproduces solvers.solve
             check = diffpure_euler(model, xt, t_sd, bm.increment)
@@ -427,91 +496,81 @@ def diffpure_entries(n_images: int = 120) -> list[dict]:
         clamp_rows.append({"setting": name, "share_outside": (theirs.abs() > 1).double().mean().item(),
                            "rms_change": out.pow(2).mean().sqrt().item(), "max_change": out.abs().max().item()})
 
+        feed_rows.append(time_input_row(name, t_int))
         if name == "imagenet":
-            k = torch.arange(t_int)
             t_nodes = t_dp[:-1]
+            fed_dp = ((1 - s_grid[:-1]).float() * 1000).long()
+            # the fix: sdepure's config model now has DiffPure's continuous schedule ...
+            assert torch.allclose(sd_model.schedule.alpha_bar(t_nodes), cont.alpha_bar(t_nodes), rtol=1e-12, atol=0)
+            assert torch.allclose(sd_model.schedule.beta(t_nodes), cont.beta(t_nodes), rtol=1e-12, atol=0)
+            # ... where it had the checkpoint's table and its index 1000 t - 1: the size before the fix
             ab_rel = cont.alpha_bar(t_nodes) / table.alpha_bar(t_sd[:-1]) - 1
             beta_rel = cont.beta(t_nodes) / table.beta(t_sd[:-1]) - 1
-            # the table segment DiscreteVP.beta reads at each node: the one the step covers is index k - 1 of
-            # node t = k/T; float rounding of the linspace grid puts some nodes a hair above their knot
-            segment = torch.clamp(torch.ceil(t_sd[:-1] * table.T).long() - 1, 0, table.T - 1)
-            above = int((segment != torch.round(t_sd[:-1] * table.T).long() - 1).sum())
-            fed_dp = ((1 - s_grid[:-1]).float() * 1000).long()  # floor(1000 t), t from float32
-            fed_sd = torch.round(table.index_of_time(t_sd[:-1])).long()
-            gap = table.alpha_bars[fed_sd] / table.alpha_bars[fed_sd + 1] - 1  # one index up, in alpha_bar
-            sched_rows.append({"setting": name, "alpha_bar_relative_max": ab_rel.abs().max().item(),
+            fed_table = torch.round(table.index_of_time(t_sd[:-1])).long()
+            sched_rows.append({"alpha_bar_relative_max": ab_rel.abs().max().item(),
                                "beta_relative_min": beta_rel.min().item(), "beta_relative_max": beta_rel.max().item(),
-                               "beta_relative_at_t_star": beta_rel[0].item(),
-                               "beta_relative_at_last_node": beta_rel[-1].item(),
-                               "sdepure_nodes_reading_the_segment_above": above,
-                               "fed_index_plus_one_share": (fed_dp == fed_sd + 1).double().mean().item(),
-                               "fed_index_equal_share": (fed_dp == fed_sd).double().mean().item(),
-                               "one_index_alpha_bar_gap_max": gap.max().item(), "steps": len(k)})
+                               "fed_index_plus_one_share": (fed_dp == fed_table + 1).double().mean().item()})
 
     noise_rel = [abs(r["noise_vs_solve_relative"]) for r in noising]
-    ours_rel = [abs(r["diffpure_vs_sdepure_noise_relative"]) for r in noising if r["setting"] != "imagenet"]
+    ours_rel = [abs(r["diffpure_vs_sdepure_noise_relative"]) for r in noising]
     sched = sched_rows[0]
+    feed = {r["setting"]: r for r in feed_rows}
+    im = feed["imagenet"]
+    im_differ = im["differing_steps"]
+    first = lambda r, n: ", ".join(str(int(v)) for v in r[:n])  # noqa: E731
+    feed_cifar = max(feed[s]["max_abs_difference"] for s in ("cifar10-linf", "cifar10-l2"))
 
     def over(rows, key, fmt=sig):
         return span(min(r[key] for r in rows), max(r[key] for r in rows), fmt)
-    return [
+    entries = [
         {
             "id": "diffpure-noising",
             "what": "DiffPure noises x with the discrete table's a[t-1] but solves with the continuous alpha_bar(t*)",
             "authors_code": f"{DIFFPURE}: runners/diffpure_sde.py RevGuidedDiffusion.image_editing_sample "
                             "(a = (1 - betas).cumprod(), a[total_noise_levels - 1]) and RevVPSDE (alphas_cumprod_cont)",
-            "sdepure": "noises and solves with one schedule: continuous for score_sde CIFAR-10 (x + sigma(t*) z, "
-                       "attacks.AttackedModel.purify), the table for guided-diffusion ImageNet",
+            "sdepure": "noises and solves with the continuous alpha_bar(t*) in all three DiffPure configs "
+                       "(defense.Defense.diffuse: x + sigma z, sigma from Defense.alpha_bar)",
             "size": f"alpha_bar {span(min(noise_rel), max(noise_rel))} relative",
-            "unit": "relative difference a[t-1] / alpha_bar_continuous(t*) - 1 (sdepure's noising differs from "
-                    f"DiffPure's by {span(min(ours_rel), max(ours_rel))} on CIFAR-10, 0 on ImageNet)",
+            "unit": "relative difference a[t-1] / alpha_bar_continuous(t*) - 1 (sdepure's Defense.alpha_bar against "
+                    f"DiffPure's a[t-1]: {span(min(ours_rel), max(ours_rel))})",
             "how": "t* = 0.1, 0.075 (CIFAR-10), 0.15 (ImageNet); betas linspace(1e-4, 0.02, 1000) in float32 "
-                   "as DiffPure's",
+                   "as DiffPure's; sdepure's alpha_bar from a Defense on each config's model",
             "detail": noising,
         },
         {
-            "id": "diffpure-imagenet-schedule",
-            "what": "on ImageNet DiffPure solves the guided-diffusion model with the continuous linear VP "
-                    "(beta 0.1..20) and feeds it floor(1000 t) of a float32 t",
-            "authors_code": f"{DIFFPURE}: runners/diffpure_sde.py RevVPSDE.vpsde_fn, alphas_cumprod_cont, "
-                            "_scale_timesteps ((t.float() * N).long())",
-            "sdepure": "the checkpoint's own table (discrete-linear T=1000, log-linear between steps) and its index "
-                       "1000 t - 1 (models/adm.py ADM_DIFFUSION, time input 'index')",
-            "size": f"alpha_bar up to {sig(sched['alpha_bar_relative_max'])}, beta "
-                    f"{pct(sched['beta_relative_min'], 1)} to +{pct(sched['beta_relative_max'], 0)} (relative); model index +1 on "
-                    f"{pct(sched['fed_index_plus_one_share'], 1)} of steps",
-            "unit": "relative differences at the solve's nodes (DiffPure / sdepure - 1: DiffPure's beta is the "
-                    "continuous one at the step's start, sdepure's the table's over the step, one table step lower, "
-                    f"{pct(sched['beta_relative_at_last_node'], 0)} at t = 1e-3 down to "
-                    f"{pct(sched['beta_relative_at_t_star'])} at t*; at "
-                    f"{sched['sdepure_nodes_reading_the_segment_above']} nodes float rounding makes sdepure read "
-                    "the segment above); share of the 150 steps where DiffPure feeds the index above sdepure's "
-                    f"(one index is up to {sig(sched['one_index_alpha_bar_gap_max'])} in alpha_bar)",
-            "how": "t* = 0.15, 150 Euler steps; DiffPure's nodes from torchsde's own float32 stepping",
-            "detail": sched_rows,
-        },
-        {
             "id": "diffpure-grid-end",
-            "what": "DiffPure's solve runs on torchsde's float32 time grid and ends at t = 1e-5 (last step 0.99e-3)",
+            "what": "DiffPure's solve runs on torchsde's float32 time grid and ends at t = 1e-5 (last step 0.99e-3); "
+                    "on ImageNet its float32 t makes floor(1000 t) one lower on the first steps",
             "authors_code": f"{DIFFPURE}: runners/diffpure_sde.py RevGuidedDiffusion.image_editing_sample "
                             "(ts = linspace(1 - t/1000, 1 - 1e-5, 2), sdeint_adjoint(..., method='euler'), "
-                            "default dt 1e-3)",
-            "sdepure": "a float64 grid built once (sde.time_grid), steps of exactly t*/steps, ending at t = 0",
+                            "default dt 1e-3), RevVPSDE._scale_timesteps ((t.float() * N).long())",
+            "sdepure": "a float64 grid built once (sde.time_grid), steps of exactly t*/steps, ending at t = 0; "
+                       "ImageNet time input floor(1000 t) of that t cast to float32 (models/base.py TIME_INPUTS)",
+            "cell": f"output RMS {over(grid_rows, 'output_rms')} in [0, 1] pixels (digits); ImageNet time input "
+                    f"{first(im['diffpure_first'], len(im_differ))} against "
+                    f"{first(im['sdepure_first'], len(im_differ))} on the first {len(im_differ)} of {im['steps']} steps",
             "size": f"output RMS {over(grid_rows, 'output_rms')} (max {sig(max(r['output_max'] for r in grid_rows))}) "
                     f"in [0, 1] pixels, nearly all from the end time (alone: RMS {over(grid_rows, 'end_time_only_rms')}); "
-                    f"nodes within {sig(max(r['max_time_offset'] for r in grid_rows))}",
+                    f"nodes within {sig(max(r['max_time_offset'] for r in grid_rows))}; ImageNet feeds "
+                    f"{first(im['diffpure_first'], len(im_differ))} on its first {len(im_differ)} steps where sdepure "
+                    f"feeds {first(im['sdepure_first'], len(im_differ))} "
+                    f"(the other {im['steps'] - len(im_differ)} agree)",
             "unit": "[0, 1] pixel units between the two solves' outputs (twice that on the model's [-1, 1] scale); "
-                    "time units for the node offset",
+                    "time units for the node offset; the ImageNet network's integer time input",
             "how": f"the digits eps-network, {n_images} test images, same noisy input and increments; a hand-written "
                    "Euler step on DiffPure's grid (recorded from torchsde) against solvers.solve (the same step on "
-                   "sdepure's grid reproduces solvers.solve: check_max_difference)",
-            "detail": grid_rows,
+                   "sdepure's grid reproduces solvers.solve: check_max_difference); the time inputs sdepure feeds "
+                   "recorded from solvers.solve on each config's model around a stand-in network (CIFAR-10's 999 t "
+                   f"within {sig(feed_cifar)} of DiffPure's), DiffPure's computed from its recorded float32 nodes",
+            "detail": {"solves": grid_rows, "time_inputs": feed_rows},
         },
         {
             "id": "diffpure-unclamped",
             "what": "DiffPure passes the solve's output to the classifier unclamped; sdepure clamps it to [-1, 1]",
             "authors_code": f"{DIFFPURE}: eval_sde_adv.py SDE_Adv_Model.forward (classifier((x_re + 1) * 0.5))",
-            "sdepure": "purify.ReverseProcess.forward ((x0.clamp(-1, 1) + 1) / 2)",
+            "sdepure": "defense.Defense.purify ((x0.clamp(-1, 1) + 1) / 2)",
+            "cell": f"{over(clamp_rows, 'share_outside', lambda x: pct(x, 0))} of pixels outside, RMS change "
+                    f"{over(clamp_rows, 'rms_change')} (digits: an upper end)",
             "size": f"{over(clamp_rows, 'share_outside', lambda x: pct(x, 0))} of pixels outside, RMS change "
                     f"{over(clamp_rows, 'rms_change')} in [0, 1] pixels (digits: an upper end)",
             "unit": "share of output pixels outside [-1, 1]; RMS of the clamp's change in [0, 1] pixel units",
@@ -520,6 +579,18 @@ def diffpure_entries(n_images: int = 120) -> list[dict]:
             "detail": clamp_rows,
         },
     ]
+    fixed = {
+        "id": "diffpure-imagenet-schedule",
+        "where": "DiffPure ImageNet, schedule and time input",
+        "line": "DiffPure solves the guided-diffusion model with the continuous linear VP (beta 0.1..20) and feeds "
+                "floor(1000 t) of a float32 t; sdepure used the checkpoint's table and index 1000 t - 1, and the "
+                "diffpure-imagenet config now uses DiffPure's SDE and time input (tests/test_diffpure_imagenet.py)",
+        "size_before": f"alpha_bar up to {sig(sched['alpha_bar_relative_max'])}, beta "
+                       f"{pct(sched['beta_relative_min'], 1)} to +{pct(sched['beta_relative_max'], 0)} (relative); "
+                       f"model index +1 on {pct(sched['fed_index_plus_one_share'], 1)} of steps "
+                       "(t* = 0.15, 150 Euler steps)",
+    }
+    return entries, fixed
 
 
 def t_min_entry(n_images: int = 120) -> dict:
@@ -534,8 +605,8 @@ def t_min_entry(n_images: int = 120) -> dict:
     rows = []
     with torch.no_grad():
         for method in ("euler", "midpoint", "heun"):
-            y1 = solvers.solve(base, xt, 0.1, 100, 8, method)
-            y2 = solvers.solve(alt, xt, 0.1, 100, 8, method)
+            y1 = solvers.solve(base, xt, 0.1, solvers.Sampler(method, 100), 8)
+            y2 = solvers.solve(alt, xt, 0.1, solvers.Sampler(method, 100), 8)
             d = (y1 - y2) / 2
             rows.append({"solver": method, "max": d.abs().max().item(), "rms": d.pow(2).mean().sqrt().item()})
     euler = rows[0]
@@ -545,6 +616,9 @@ def t_min_entry(n_images: int = 120) -> dict:
         "authors_code": f"{DIFFPURE}: runners/diffpure_sde.py (Euler only; its last drift evaluation is at "
                         "t = 1.001e-3, its solve ends at 1e-5)",
         "sdepure": "models/base.py EpsNetModel (t_min = 1e-3; 1/T on tables): eps / sqrt(1 - alpha_bar) is singular at t = 0",
+        "cell": f"{sig(euler['max'])} with Euler; "
+                + " / ".join(r["solver"] for r in rows[1:]) + " RMS " + " / ".join(sig(r["rms"]) for r in rows[1:])
+                + " in [0, 1] pixels",
         "size": f"{sig(euler['max'])} with Euler (DiffPure's solver); "
                 + ", ".join(f"{r['solver']} RMS {sig(r['rms'])}" for r in rows[1:]) + " in [0, 1] pixels against t >= 1e-5",
         "unit": "[0, 1] pixel units between t_min = 1e-3 and 1e-5 outputs",
@@ -611,6 +685,7 @@ def preprocessing_entry() -> dict:
         "sdepure": "imagedata.IMAGENET_PREPROCESSING['densepure'] (Resize 256 bicubic, CenterCrop 256); "
                    "classifiers/external.py PAPER_INPUTS['diffpure-imagenet-224'] (bilinear to 224, no antialias, "
                    "ImageNet mean/std): the same classifier adapter as DiffPure's",
+        "cell": f"classifier inputs RMS {sig(rows['classifier_input_rms'])} apart in [0, 1] pixels (random smooth image)",
         "size": f"classifier inputs RMS {sig(rows['classifier_input_rms'])} apart (max {sig(rows['classifier_input_max'])}) "
                 f"on a random smooth image; DiffPure's 224 -> 256 -> 224 round trip alone RMS "
                 f"{sig(rows['diffpure_round_trip_rms'])}",
@@ -632,6 +707,7 @@ def further_entries() -> list[dict]:
                             "runners/diffpure_sde.py RevGuidedDiffusion.__init__, "
                             "runners/diffpure_guided_densepure.py GuidedDiffusion.__init__",
             "sdepure": "fp32 by default; --precision fp16 is autocast, not a weight conversion",
+            "cell": "not measured (needs the checkpoint)",
             "size": "not measured (needs the 256x256 checkpoint)",
             "unit": "",
             "how": "",
@@ -644,6 +720,7 @@ def further_entries() -> list[dict]:
             "authors_code": f"{DENSEPURE}: eval_certified_densepure.py DensePure_Certify.forward",
             "sdepure": "config densepure-cifar10: timm ViT-B/16 behind InputAdapter (bicubic to 224, no antialias, "
                        "mean = std = 0.5); its comment attributes this resize to DensePure",
+            "cell": "not measured (the extractor's config; transformers unpinned)",
             "size": "not measured (the extractor's resizing is set by the model's preprocessor config and the "
                     "transformers version, unpinned in DensePure's requirements.txt)",
             "unit": "",
@@ -662,16 +739,12 @@ TABLE_ROWS = [  # (id, where, the authors' code, sdepure) for the markdown table
     ("densepure-cifar10-index", "DensePure CIFAR-10, respaced chain",
      "alpha_bar(idx/T), one table index below the one idx was trained at; real-valued t*",
      "alpha_bar of the index fed; nearest table index for t*"),
-    ("densepure-learned-variance", "DensePure, DDPM step noise",
-     "learned variance between beta~ and beta", "beta~ (variance channels dropped)"),
     ("densepure-vote-ties", "DensePure, vote ties",
      "first tied label in run order", "lowest tied class index"),
     ("carlini-effective-sigma", "Carlini et al., noise added",
      "sqrt(1 - alpha_bar_t) of the first step reaching 2 sigma", "exactly sigma"),
     ("diffpure-noising", "DiffPure, forward noise",
-     "discrete a[t-1], solve with continuous alpha_bar", "one schedule for both"),
-    ("diffpure-imagenet-schedule", "DiffPure ImageNet, schedule and time input",
-     "continuous linear VP, floor(1000 t)", "the checkpoint's table, index 1000 t - 1"),
+     "discrete a[t-1], solve with continuous alpha_bar", "continuous alpha_bar for both"),
     ("diffpure-grid-end", "DiffPure, time grid",
      "float32 torchsde grid, ends at t = 1e-5", "float64 grid, ends at t = 0"),
     ("diffpure-unclamped", "DiffPure, classifier input",
@@ -688,11 +761,12 @@ TABLE_ROWS = [  # (id, where, the authors' code, sdepure) for the markdown table
 
 
 def markdown(entries: list[dict]) -> str:
+    """The README table: each entry's short "cell" (its "size" where it has none) in the size column."""
     by_id = {e["id"]: e for e in entries}
     lines = ["| where | the authors' code | sdepure | size |", "| --- | --- | --- | --- |"]
     for eid, where, theirs, ours in TABLE_ROWS:
         e = by_id[eid]
-        lines.append(f"| {where} | {theirs} | {ours} | {e['size']} |")
+        lines.append(f"| {where} | {theirs} | {ours} | {e.get('cell', e['size'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -706,10 +780,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)  # nothing below draws from the global generator; this only makes sure of it
     start = time.perf_counter()
-    entries = [*densepure_entries(), densepure_vote_entry(), carlini_entry(), *diffpure_entries(), t_min_entry(),
+    densepure, densepure_fixed = densepure_entries()
+    diffpure, diffpure_fixed = diffpure_entries()
+    entries = [*densepure, densepure_vote_entry(), carlini_entry(), *diffpure, t_min_entry(),
                preprocessing_entry(), *further_entries()]
-    assert {e["id"] for e in entries} == {r[0] for r in TABLE_ROWS}
-    json.dump({"seconds": round(time.perf_counter() - start, 1), "differences": entries}, sys.stdout, indent=1)
+    assert [e["id"] for e in entries] == [r[0] for r in TABLE_ROWS]
+    json.dump({"seconds": round(time.perf_counter() - start, 1), "differences": entries,
+               "fixed": [densepure_fixed, diffpure_fixed]}, sys.stdout, indent=1)
     print()
     if args.md:
         with open(args.md, "w") as fh:
