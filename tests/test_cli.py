@@ -77,6 +77,11 @@ BAD = {
     "eta not a number": (["--solver", "ddim", "--eta", "x"], "eta"),
     "eta with euler": (["--eta", "0.5"], "--eta applies to the ddim solver"),
     "unknown precision": (["--precision", "fp8"], "unknown precision"),
+    "variance learned without a variance output": (["--solver", "ddpm", "--variance", "learned"],
+                                                   "needs a diffusion model with a variance output"),
+    "variance with euler": (["--variance", "posterior"], "applies to the ddpm solver"),
+    "variance with carlini": (["--method", "carlini", "--variance", "beta"], "method carlini"),
+    "unknown variance": (["--solver", "ddpm", "--variance", "learnt"], "unknown variance"),
 }
 
 
