@@ -84,8 +84,9 @@ def attack(config_name, kind, save_adv, seed, device, out, allow_pickle, model_w
     click.echo("  after each attack: " + ", ".join(f"{k} {v:.3f}" for k, v in s["accuracy_after_each_attack"].items()))
     clean, adv = s["scored_over_draws"]["clean"], s["scored_over_draws"]["adversarial"]
     click.echo(f"scored over {adv['draws']} purifications: clean majority {clean['majority']:.3f} / any-of-N "
-               f"{clean['any_of_n']:.3f}; adversarial single {adv['single']:.3f} (SE {adv['single_se']:.3f}, mean "
-               f"over the draws), majority {adv['majority']:.3f}, "
+               f"{clean['any_of_n']:.3f}; adversarial single {adv['single']:.3f}"
+               + (f" (SE {adv['single_se']:.3f}, mean over the draws)" if adv["single_se"] is not None else "")
+               + f", majority {adv['majority']:.3f}, "
                f"any-of-N {adv['any_of_n']:.3f}")
     click.echo(experiments.table_markdown(s["table"]))
     click.echo(f"wrote {out}/summary.json, examples.tsv{', adversarial.pt' if save_adv else ''} "

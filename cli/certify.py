@@ -64,10 +64,12 @@ def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta,
             raise SdepureError("--resume continues the run in its own directory; drop --out")
         record = runs.load_record(resume)
         runs.check_world_size(resume, record, env.world_size)
-        # the run's own settings (flags given must agree); without --config, its config tables too
-        cfg = load_config(config_name) if given["config_name"] else runs.config_from_record(record)
-        base = Certify.from_dict(record["settings"])
-        overrides["seed"] = seed if given["seed"] else None
+        # without --config, the run's own config tables and settings; flags and a config given must agree
+        if given["config_name"]:
+            cfg, base = load_config(config_name), None
+        else:
+            cfg, base = runs.config_from_record(record), Certify.from_dict(record["settings"])
+        overrides["seed"] = seed if given["seed"] else record["settings"]["seed"]
         part = part or runs.record_shard(record)
     else:
         cfg, base = load_config(config_name), None

@@ -85,7 +85,7 @@ def score_defense(model, x: torch.Tensor, y: torch.Tensor, draws: int, seed: int
     right = preds == y.cpu()[:, None]
     share = right.double().mean(1)  # per example: the share of draws right
     n = len(share)
-    se = float(share.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    se = float(share.std(unbiased=True) / math.sqrt(n)) if n > 1 else None  # JSON null, not NaN
     maj = majority_vote(preds, model.num_classes) == y.cpu()
     return {"single": float(share.mean()), "single_se": se, "majority": float(maj.double().mean()),
             "any_of_n": float(right.all(1).double().mean()), "draws": draws,

@@ -75,35 +75,39 @@ class Streams:
 class RowNoise:
     """Standard normal draws for rows addressed by `streams`: draw(*tags) gives row r the row
     streams.row[r] of randn((width, *shape), derive_seed(streams.seed[r], *tags)) (no tags: the
-    seed itself), drawn in `dtype` by `draws`. Index tensors are built once, so that a draw
-    makes no host-to-device copy."""
+    seed itself), drawn in `dtype` by `draws`. Index tensors are built once, where the draws are
+    made: on the device for the device stream; on the host for the CPU stream, whose rows are
+    gathered there and copied to the device once per draw."""
 
     def __init__(self, streams: Streams, shape, draws: Draws, device="cpu", dtype=torch.float32):
         self.streams, self.shape, self.draws, self.dtype = streams, tuple(shape), draws, dtype
         self.device = torch.device(device)
+        self._on = self.device if draws.rng == "device" else torch.device("cpu")
         by_seed: dict[int, list[int]] = {}
         for r, s in enumerate(streams.seed):
             by_seed.setdefault(s, []).append(r)
         self._groups = []
         for s, rows in by_seed.items():
             src = [streams.row[r] for r in rows]
-            index = None if src == list(range(streams.width)) else to_device(torch.tensor(src), self.device)
+            index = None if src == list(range(streams.width)) else to_device(torch.tensor(src), self._on)
             self._groups.append((s, index))
         order = [r for rows in by_seed.values() for r in rows]
         self._inverse = None
         if order != list(range(len(order))):
             inverse = torch.empty(len(order), dtype=torch.long)
             inverse[torch.tensor(order)] = torch.arange(len(order))
-            self._inverse = to_device(inverse, self.device)
+            self._inverse = to_device(inverse, self._on)
 
     def draw(self, *tags: int) -> torch.Tensor:
         shape = (self.streams.width, *self.shape)
         pieces = []
         for seed, index in self._groups:
-            z = self.draws.randn(shape, derive_seed(seed, *tags) if tags else seed, self.device, self.dtype)
+            z = self.draws.randn(shape, derive_seed(seed, *tags) if tags else seed, self._on, self.dtype)
             pieces.append(z if index is None else z.index_select(0, index))
         z = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return z if self._inverse is None else z.index_select(0, self._inverse)
+        if self._inverse is not None:
+            z = z.index_select(0, self._inverse)
+        return z if self._on == self.device else to_device(z, self.device)
 
 
 class GridBrownian(BaseBrownian):

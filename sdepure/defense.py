@@ -38,7 +38,7 @@ from .rng import Draw, Draws
 from .schedules import DiscreteVP, sigma_for_alpha_bar
 from .sde import network_call
 from .settings import REVERSE_METHODS, Purifier
-from .solvers import EXACT_GRAPH_BUDGET, Sampler, graph_bytes, plain_graph_fits, solve
+from .solvers import EXACT_GRAPH_BUDGET, Sampler, graph_bytes, has_step_variance, plain_graph_fits, solve
 
 DEFAULT_T_RULE = {"carlini": "first", "diffpure": "nearest", "densepure": "nearest"}
 
@@ -56,11 +56,14 @@ def resolve_t_star(settings: Purifier, schedule) -> float:
     return t_star_for(schedule, settings.sigma, settings.method, settings.t_rule)
 
 
-def resolve_variance(variance: str, model: DiffusionModel, solver: str) -> str:
+def resolve_variance(variance: str, model: DiffusionModel, solver: str) -> str | None:
     """auto: the model's learned variance for ddpm steps where it has one (as DensePure ran its
-    checkpoints), the posterior variance otherwise."""
+    checkpoints), the posterior variance for other ddpm steps, and None (nothing to choose) for
+    the other solvers."""
     if variance == "auto":
-        return "learned" if solver == "ddpm" and model.has_variance else "posterior"
+        if not has_step_variance(solver):
+            return None
+        return "learned" if model.has_variance else "posterior"
     if variance == "learned" and not model.has_variance:
         raise SdepureError("variance learned needs a diffusion model with a variance output (a learned-sigma "
                            "checkpoint such as DensePure's ADM models); this one has none: use auto, posterior or beta")
@@ -140,6 +143,12 @@ class Defense(nn.Module):
             self.model = with_precision(precision.prepare(model), settings.precision)
         self.graph_budget = EXACT_GRAPH_BUDGET
         self._call_bytes_per_row: float | None = None  # measured once, on the first exact solve
+
+    @property
+    def resolved(self) -> dict:
+        """What settings that depend on the model came to mean here (variance auto): recorded with
+        a run, so that a resume under another meaning is refused."""
+        return {"variance": self.sampler.variance if self.sampler is not None else None}
 
     @property
     def deterministic(self) -> bool:

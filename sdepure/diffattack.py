@@ -68,6 +68,8 @@ class FixedRandomness(nn.Module):
         if norm not in NORMS:
             raise SdepureError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
         self.defense, self.norm, self.eps = defense, norm, float(eps)
+        for p in defense.parameters():  # frozen, as AttackedModel freezes them: input gradients only
+            p.requires_grad_(False)
         self.anchors = anchors.detach()
         self.ids = [int(i) for i in ids]
         self.seeds = [derive_seed(seed, i) for i in self.ids]

@@ -96,14 +96,16 @@ def certify(cfg: dict, settings: Certify, device, out: Path | None = None, allow
         f"from {indices[0]} by {settings.skip} of {len(c.x)}"
         + (f"; shard {shard}: {len(own)} images" if shard else "")
         + (f"; {dist.world_size} processes" if dist.active else "") + ")"
-        + (f", t*={t_star:.4f}" if t_star is not None else ""))
+        + (f", t*={t_star:.4f}" if t_star is not None else "")
+        + (f", {defense.resolved['variance']} ddpm variance" if defense.resolved.get("variance") else ""))
     say(f"  n0={settings.n0} n={settings.n} alpha={settings.alpha} batch={settings.batch} seed={settings.seed} "
         f"device={device}" + (f" out={out}" if out is not None else ""))
 
     run_dir, done = None, []
     try:
         if out is not None:
-            out, run_dir, done = _open_run(Path(out), cfg, settings, indices, shard, dist, device, t_star, resume)
+            out, run_dir, done = _open_run(Path(out), cfg, settings, indices, shard, dist, device, t_star,
+                                           defense.resolved, resume)
         todo = runs.pending({"images": own}, done)
         if resume and done:
             say(f"resuming {out}: {len(done)} of {len(own)} images done, {len(todo)} to go")
@@ -138,6 +140,7 @@ def certify(cfg: dict, settings: Certify, device, out: Path | None = None, allow
     finally:
         distributed.shutdown(dist)
     summary = certify_summary(cfg, settings, rows, t_star, str(device))
+    summary["resolved"] = defense.resolved
     summary["shard"] = str(shard) if shard else None
     summary["processes"] = dist.world_size
     summary["wall_seconds"] = time.time() - t0
@@ -169,12 +172,12 @@ def merge(dirs, out: Path) -> dict:
 
 
 def _open_run(out: Path, cfg: dict, settings: Certify, indices: list[int], shard, dist, device, t_star,
-              resume: bool) -> tuple[Path, Path, list[dict]]:
+              resolved: dict, resume: bool) -> tuple[Path, Path, list[dict]]:
     """Start or resume the run directory `out` (under torchrun: the run and this rank's shard in
     it); returns the run directory (under torchrun: rank 0's name for it), the directory this
     process appends rows to, and the rows that one already has.
     Every check runs on every rank before the processes meet, so all refuse together."""
-    info = {"device": str(device), "t_star": t_star}
+    info = {"device": str(device), "t_star": t_star, "resolved": resolved}
     if not dist.active:
         record = runs.make_record(settings.to_dict(), cfg, shard.select(indices) if shard else indices, shard,
                                   **info)
@@ -308,6 +311,7 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
     echo(f"sdepure attack: {what} {s.norm} eps={s.eps:.4g} on {p.method} ({cfg['name']}, {len(idx)} examples "
          f"from {s.start}), t*={p.t_star}, {p.steps} {p.solver} steps, grad={p.grad}"
          + (f", votes K={p.votes}" if p.votes > 1 else "")
+         + (f", {defense.resolved['variance']} ddpm variance" if defense.resolved.get("variance") else "")
          + (", fixed randomness (deterministic white-box)" if s.fixed_randomness else "")
          + f", {torch.get_num_threads()} torch thread(s)")
     if s.kind == "diffattack":
@@ -359,7 +363,7 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
     peak = peak_memory_mb(device)
     summary = {
         "command": "attack", "attack": s.kind, "config": cfg["name"], "settings": s.to_dict(),
-        "device": str(device), "examples": len(idx),
+        "device": str(device), "examples": len(idx), "resolved": defense.resolved,
         "clean_accuracy": sum(clean_flags) / len(idx), "robust_accuracy": sum(robust_flags) / len(idx),
         "accuracy_after_each_attack": breakdown,
         "broken_by_counts": {a: broken_by.count(a) for a in sorted({b for b in broken_by if b})},
@@ -411,9 +415,9 @@ def table_markdown(rows: list[dict]) -> str:
             "| robust any-of-N | s | peak MB |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for r in rows:
-        se = r.get("robust_single_se", float("nan"))
+        se = r.get("robust_single_se")
         lines.append(f"| {r['attack']} | {r['randomness']} | {r['clean_single']:.3f} / {r['clean_majority']:.3f} / "
                      f"{r['clean_any_of_n']:.3f} | {r['robust_single']:.3f}"
-                     + (f" +- {se:.3f}" if se == se else "") + f" | {r['robust_majority']:.3f} | "
+                     + (f" +- {se:.3f}" if se is not None else "") + f" | {r['robust_majority']:.3f} | "
                      f"{r['robust_any_of_n']:.3f} | {r['seconds']:.0f} | {r['peak_memory_mb']:.0f} |")
     return "\n".join(lines)

@@ -9,19 +9,24 @@ seeded with `derive_seed(...)`. Two streams, chosen by `rng`:
   between device types (on the CPU the two streams coincide).
 
 The address tree. Every seed is derive_seed(parent, tag or counter, ...); the tags of each level
-are named once, below, and no two children of one parent share a tuple, so no draw can reuse
-another's seed. Values are those of earlier versions except the attack's call counter, which
-used to sit beside the attack's phases under the run seed (call c had the seed of phase c).
+are named once, below, so that no draw reuses another's seed. Values are those of earlier
+versions except the attack's call counter, which used to sit beside the attack's phases under
+the run seed (call c had the seed of phase c).
 
     certify run seed -> image i                      derive_seed(seed, i)
       image -> Smoothing.SELECT / ESTIMATE / PREDICT   derive_seed(image, phase)
         phase -> batch b -> Batch.NOISE / BASE       derive_seed(phase, b, tag); BASE is a draw seed
-    attack run seed -> AttackPhase.CLEAN_FLAGS, ROBUST_FLAGS, SCORE_CLEAN, SCORE_ADV, FIXED, CALLS
+    attack run seed -> AttackPhase.CLEAN_FLAGS, ROBUST_FLAGS, CALLS
                        -> call counter c             derive_seed(phase, c)  (a draw seed)
+                    -> AttackPhase.SCORE_CLEAN, SCORE_ADV
+                       -> draw d, batch start i      derive_seed(phase, d, i)  (a draw seed)
+                    -> AttackPhase.FIXED -> example i  derive_seed(phase, i)  (a draw seed)
                     -> AttackPhase.OPTIMISE, batch start i  derive_seed(seed, OPTIMISE, i)
     draw seed (one call of the defense) -> Draw.FORWARD (forward noise to t*), Draw.PATH
-      path -> run k of K > 1                          derive_seed(path, k)  (K = 1: the path itself)
+      path -> K > 1: run k's stream                  derive_seed(path, k)
+              K = 1: the path is the stream itself
         stream -> step k                              derive_seed(stream, k)
+(A path's children are runs when K > 1 and steps when K = 1, never both in one defense.)
 """
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ FORMAT = "sdepure-certify-run"
 VERSION = 1
 CONFIG_TABLES = ("model", "classifier", "data")  # the config tables that decide a row
 # what must agree to resume a run (all of them) or to merge shards (all but shard and images)
-RESUME_KEYS = ("world_size", "shard", "settings", "config", "images")
-MERGE_KEYS = ("settings", "config")
+RESUME_KEYS = ("world_size", "shard", "settings", "config", "images", "resolved")
+MERGE_KEYS = ("settings", "config", "resolved")
 
 
 # -- shards ---------------------------------------------------------------------------------
@@ -159,9 +159,13 @@ def _diff(a, b, name: str, out: list) -> None:
 
 
 def differences(a: dict, b: dict, keys) -> list[tuple[str, object, object]]:
-    """(dotted name, value in a, value in b) for every setting under `keys` that differs."""
+    """(dotted name, value in a, value in b) for every setting under `keys` that differs;
+    "resolved" (what settings such as variance auto meant when the run began) only where both
+    records have it (older ones do not)."""
     out: list = []
     for key in keys:
+        if key == "resolved" and not (key in a and key in b):
+            continue
         _diff(_canonical(a.get(key)), _canonical(b.get(key)), key, out)
     return out
 

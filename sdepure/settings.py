@@ -21,7 +21,8 @@ from .errors import SdepureError
 from .precision import PRECISIONS
 from .rng import RNGS
 from .schedules import T_RULES
-from .solvers import NO_ADJOINT, ODE_METHODS, SDE_METHODS, SOLVERS, VARIANCES, check_adjoint_method
+from .solvers import (NO_ADJOINT, ODE_METHODS, SDE_METHODS, SOLVERS, VARIANCES, check_adjoint_method, check_eta,
+                      check_variance, has_step_variance)
 
 METHODS = ("none", "carlini", "diffpure", "densepure")
 REVERSE_METHODS = ("diffpure", "densepure")  # methods that run the reverse process
@@ -80,7 +81,7 @@ def record_defaults(d: dict) -> dict:
     """What a record written before a setting existed ran with, so an old run resumes as it ran:
     the posterior variance for ddpm steps (learned variance came later; auto elsewhere, where it
     means the same) and the CPU stream (the only one then)."""
-    ddpm = d.get("solver") == "ddpm" and d.get("method") in REVERSE_METHODS
+    ddpm = has_step_variance(d.get("solver")) and d.get("method") in REVERSE_METHODS
     return {"variance": "posterior" if ddpm else "auto", "rng": "cpu"}
 
 
@@ -138,19 +139,17 @@ class Purifier:
         if self.grad == "adjoint" and self.method in REVERSE_METHODS and self.solver in NO_ADJOINT:
             raise SdepureError(f"the {self.solver} sampler has no adjoint; use --grad exact or an SDE/ODE solver")
         set_("eta", as_float("eta", self.eta))
-        if not 0 <= self.eta <= 1:
-            raise SdepureError(f"eta must be in [0, 1], got {self.eta}")
-        if self.eta != 0 and self.solver != "ddim":
-            raise SdepureError(f"--eta applies to the ddim solver only (solver is {self.solver})")
+        check_eta(self.eta, self.solver)
         _choice("precision", self.precision, PRECISIONS)
         _choice("rng", self.rng, RNGS)
         if not isinstance(self.early_stop, bool):
             raise SdepureError(f"early_stop must be true or false, got {self.early_stop!r}")
         _choice("variance", self.variance, VARIANCE_CHOICES)
-        if self.variance != "auto" and (self.method not in REVERSE_METHODS or self.solver != "ddpm"):
-            what = f"solver {self.solver}" if self.method in REVERSE_METHODS else f"method {self.method}"
-            raise SdepureError(f"--variance {self.variance} applies to the ddpm solver of diffpure and densepure "
-                               f"only ({what}; its noise does not come from a ddpm step variance)")
+        if self.variance != "auto":
+            if self.method not in REVERSE_METHODS:
+                raise SdepureError(f"variance {self.variance} applies to the ddpm solver of diffpure and densepure "
+                                   f"(method {self.method} runs no reverse process)")
+            check_variance(self.solver, self.variance)
         if self.adjoint_method is not None:
             if self.grad != "adjoint":
                 raise SdepureError("--adjoint-method applies to --grad adjoint only")
@@ -352,10 +351,12 @@ def _given(overrides: dict) -> dict:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
-# the flat names of certify's [method] table and command line -> Purifier fields
-CERTIFY_METHOD_KEYS = {"name": "method", "sigma": "sigma", "votes": "votes", "steps": "steps", "solver": "solver",
-                       "t_rule": "t_rule", "eta": "eta", "precision": "precision", "rng": "rng",
-                       "early_stop": "early_stop", "variance": "variance"}
+# the flat names of certify's [method] table and command line -> Purifier fields: every field but
+# those of attacks (a new setting is a certify key unless excluded here)
+CERTIFY_METHOD_KEYS = {"name": "method", **{f.name: f.name for f in dataclasses.fields(Purifier)
+                                            if f.name not in ("method", "t_star", "grad", "adjoint_method")}}
+# the purifier keys of an attack's [attack] table and command line: every field but certify's own
+ATTACK_PURIFIER_KEYS = {f.name for f in dataclasses.fields(Purifier)} - {"sigma", "early_stop"}
 
 
 def certify_from_config(cfg: dict, overrides: dict, base: Certify | None = None) -> Certify:
@@ -374,6 +375,8 @@ def certify_from_config(cfg: dict, overrides: dict, base: Certify | None = None)
         c = {k: getattr(base, k) for k in cert_keys}
     m.update({k: v for k, v in over.items() if k in CERTIFY_METHOD_KEYS})
     c.update({k: v for k, v in over.items() if k in cert_keys})
+    if base is not None and "variance" not in over and m["solver"] != fields_["solver"]:
+        m["variance"] = "auto"  # the recorded choice went with the recorded solver; the resume names the solver
     if m["name"] != "densepure":
         if over.get("votes") not in (None, 1):
             _choice("method", m["name"], METHODS)
@@ -388,8 +391,7 @@ def attack_from_config(cfg: dict, kind: str | None, overrides: dict) -> Attack:
     command line's options)."""
     if kind is None:
         raise SdepureError("choose an attack: --autoattack, --pgd, --bpda or --diffattack")
-    purifier_keys = {"method", "t_star", "votes", "steps", "solver", "t_rule", "grad", "adjoint_method", "eta",
-                     "precision", "rng", "variance"}
+    purifier_keys = ATTACK_PURIFIER_KEYS
     attack_keys = {f.name for f in dataclasses.fields(Attack)} - {"purifier", "kind", "seed"}
     over = _given(overrides)
     table = _table(cfg, "attack", purifier_keys | attack_keys)

@@ -35,7 +35,7 @@ from torch import nn
 
 from .brownian import GridBrownian
 from .errors import SdepureError
-from .models.base import DiffusionModel
+from .models.base import DiffusionModel, split_variance
 from .schedules import DiscreteVP
 from .sde import ProbabilityFlowODE, ReverseVPSDE, network_call, recomputed, time_grid
 
@@ -73,29 +73,41 @@ def check_adjoint_method(method: str, adjoint_method: str | None) -> None:
                            f"choose from {', '.join(allowed) or 'none (not an SDE solver)'}")
 
 
-def check_eta(eta: float) -> None:
+def check_eta(eta: float, method: str = "ddim") -> None:
+    """ddim's noise level: in [0, 1], and nonzero for ddim only."""
     if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
         raise SdepureError(f"ddim eta must be in [0, 1], got {eta!r}")
+    if method != "ddim" and eta != 0.0:
+        raise SdepureError(f"eta applies to the ddim solver only (solver is {method})")
 
 
-def check_variance(method: str, variance: str) -> None:
-    """The step variance is a choice of the ddpm sampler only: ddim's comes from eta, and the other
-    solvers follow the SDE or the probability-flow ODE, whose noise is fixed by beta(t)."""
+def has_step_variance(method: str) -> bool:
+    """Whether the step variance is a choice: for the ddpm sampler only (ddim's noise comes from
+    eta, and the other solvers follow the SDE or the probability-flow ODE, whose noise is fixed by
+    beta(t))."""
+    return method == "ddpm"
+
+
+def check_variance(method: str, variance: str | None) -> None:
+    """`variance` None: not chosen (ddpm then takes the posterior variance)."""
+    if variance is None:
+        return
     if variance not in VARIANCES:
         raise SdepureError(f"unknown variance {variance!r}; choose from {', '.join(VARIANCES)}")
-    if method != "ddpm" and variance != "posterior":
-        raise SdepureError(f"variance {variance} applies to the ddpm solver only (solver is {method})")
+    if not has_step_variance(method):
+        raise SdepureError(f"variance {variance} applies to the ddpm solver only (solver is {method}; its "
+                           f"noise does not come from a step variance)")
 
 
 @dataclass(frozen=True)
 class Sampler:
     """How the reverse process is solved: `method` (SOLVERS) over `steps` steps, ddim's noise level
-    `eta`, ddpm's step `variance`, the adjoint's backward scheme, and whether the subsequence
-    samplers clip their x0 predictions to [-1, 1] (images)."""
+    `eta`, ddpm's step `variance` (None: the posterior variance), the adjoint's backward scheme,
+    and whether the subsequence samplers clip their x0 predictions to [-1, 1] (images)."""
     method: str = "euler"
     steps: int = 10
     eta: float = 0.0
-    variance: str = "posterior"
+    variance: str | None = None
     adjoint_method: str | None = None
     clip_x0: bool = True
 
@@ -103,9 +115,7 @@ class Sampler:
         check_solver(self.method)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise SdepureError(f"steps must be an integer >= 1, got {self.steps!r}")
-        check_eta(self.eta)
-        if self.method != "ddim" and self.eta != 0.0:
-            raise SdepureError(f"eta applies to the ddim solver only (solver is {self.method})")
+        check_eta(self.eta, self.method)
         check_variance(self.method, self.variance)
         check_adjoint_method(self.method, self.adjoint_method)
 
@@ -353,28 +363,28 @@ def ddpm_log_variances(ab: list[float]) -> list[tuple[float, float]]:
 
 
 def ddpm_ancestral(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, noise=None,
-                   clip_x0: bool = True, grad: str | None = None, variance: str = "posterior",
+                   clip_x0: bool = True, grad: str | None = None, variance: str | None = None,
                    states: bool = False):
     """DDPM ancestral steps on a subsequence, betas re-derived from alpha_bar; no noise at the last step.
     Step k adds increment k of `noise` (a GridBrownian of x's shape, or an int seed) times the
-    step's standard deviation: sqrt(beta~_k) (variance="posterior"), sqrt(beta_k) ("beta"), or the
+    step's standard deviation: sqrt(beta~_k) (variance "posterior" or None), sqrt(beta_k) ("beta"), or the
     model's own (Nichol & Dhariwal 2021, eq. 15: "learned"),
         log sigma_k^2 = f log beta_k + (1 - f) log beta~_k,  f = (v + 1) / 2,
     v being the network's variance channels from the same call as eps (model.eps_variance).
     states=True: (x at 0, the state after each step, at ddpm_times(...)[1:])."""
     check_variance("ddpm", variance)
+    variance = variance or "posterior"
     times, ab = _subsequence(model, t_start, steps)
     n, exact = len(times) - 1, grad == "exact"
     bm = _brownian(noise, x) if n > 1 else None
     logs = ddpm_log_variances(ab)
     learned = variance == "learned"
-    channels = x.shape[1] if x.dim() > 1 else None
+    channels = x.shape[1]
 
     def step(x, k):
         a, a_next = ab[k], ab[k + 1]
         if learned:
-            out = network_call(model.eps_variance, x, times[k], exact)
-            eps, v = out[:, :channels], out[:, channels:]
+            eps, v = split_variance(network_call(model.eps_variance, x, times[k], exact), channels)
         else:
             eps = network_call(model.eps, x, times[k], exact)
         x0 = _x0_from_eps(x, eps, a, clip_x0)
@@ -399,8 +409,8 @@ def ddim(model: DiffusionModel, x: torch.Tensor, t_start: float, steps: int, noi
         s_k    = eta sqrt((1 - a_{k+1}) / (1 - a_k)) sqrt(1 - a_k / a_{k+1})
         x_{k+1} = sqrt(a_{k+1}) x0_k + sqrt(1 - a_{k+1} - s_k^2) eps_k + s_k z_k
     with eps_k re-derived from the clipped x0_k. eta = 0: the deterministic, first-order
-    probability-flow sampler; eta = 1: the same chain as ddpm step for step (z_k is increment k of
-    the same `noise`)."""
+    probability-flow sampler; eta = 1: the same chain as ddpm with the posterior variance, step for
+    step (z_k is increment k of the same `noise`)."""
     check_eta(eta)
     times, ab = _subsequence(model, t_start, steps, times)
     bm = _brownian(noise, x) if eta > 0 else None

@@ -171,11 +171,13 @@ def test_attacked_model_bad_settings(digits):
         attacked("diffpure", classifier, 10, None, 0.1)
 
 
-def test_no_two_phases_of_an_attack_run_draw_from_the_same_seed(tiny, monkeypatch):
+@pytest.mark.parametrize("kind", ["pgd", "diffattack"])
+def test_no_two_phases_of_an_attack_run_draw_from_the_same_seed(tiny, monkeypatch, kind):
     """Every seed a PGD run draws from (sdepure.rng's address tree), grouped by the phase that drew
     it (clean flags, the attack's calls, robust flags, each scoring): no seed serves two phases.
     Before the attack's calls moved under their own phase, call c of the attack had the seed of
-    phase c, and the clean-flag pass's first forward draw was the attack's first Brownian one."""
+    phase c, and the clean-flag pass's first forward draw was the attack's first Brownian one.
+    (Under fixed randomness an example's draws are the same in every phase: that is the setting.)"""
     from sdepure import experiments
     from sdepure.config import load_config
     from sdepure.rng import AttackPhase
@@ -196,11 +198,19 @@ def test_no_two_phases_of_an_attack_run_draw_from_the_same_seed(tiny, monkeypatc
         phase[0] = ("score", seed)
         return real_score(model, x, y, draws, seed, batch)
 
+    def generator(seed, *args):  # the attacks' random starts
+        drawn.setdefault(seed, set()).add(phase[0])
+        return real_generator(seed, *args)
+
+    from sdepure import diffattack, rng
+    real_generator = rng.generator
+    monkeypatch.setattr(attacks, "generator", generator)
+    monkeypatch.setattr(diffattack, "generator", generator)
     monkeypatch.setattr(Draws, "randn", randn)
     monkeypatch.setattr(AttackedModel, "reset", reset)
     monkeypatch.setattr(attacks, "score_defense", score)
     cfg = load_config(str(tiny))
-    settings = attack_from_config(cfg, "pgd", {"pgd_steps": 2, "eot": 2, "seed": 4})
+    settings = attack_from_config(cfg, kind, {"pgd_steps": 2, "eot": 2, "seed": 4})
     experiments.attack(cfg, settings, "cpu")
     phases = {p for ps in drawn.values() for p in ps}
     assert {("calls", derive_seed(4, AttackPhase.CLEAN_FLAGS)), ("calls", derive_seed(4, AttackPhase.CALLS)),

@@ -75,7 +75,7 @@ BAD = {
     "missing classifier weights": (["--classifier-weights", "/nonexistent/c.pt"], "not found"),
     "eta above one": (["--solver", "ddim", "--eta", "1.5"], "eta must be in [0, 1]"),
     "eta not a number": (["--solver", "ddim", "--eta", "x"], "eta"),
-    "eta with euler": (["--eta", "0.5"], "--eta applies to the ddim solver"),
+    "eta with euler": (["--eta", "0.5"], "eta applies to the ddim solver"),
     "unknown precision": (["--precision", "fp8"], "unknown precision"),
     "variance learned without a variance output": (["--solver", "ddpm", "--variance", "learned"],
                                                    "needs a diffusion model with a variance output"),

@@ -89,7 +89,7 @@ BAD = {
     "threads zero": (["--pgd", "--threads", "0"], "threads must be an integer >= 1"),
     "ddim has no adjoint": (["--pgd", "--grad", "adjoint", "--solver", "ddim"], "no adjoint"),
     "dpm-solver has no adjoint": (["--pgd", "--grad", "adjoint", "--solver", "dpm-solver-2m"], "no adjoint"),
-    "eta with euler": (["--pgd", "--eta", "0.3"], "--eta applies to the ddim solver"),
+    "eta with euler": (["--pgd", "--eta", "0.3"], "eta applies to the ddim solver"),
     "eta below zero": (["--pgd", "--solver", "ddim", "--eta", "-0.1"], "eta must be in [0, 1]"),
     "unknown precision": (["--pgd", "--precision", "int8"], "unknown precision"),
 }

@@ -61,9 +61,9 @@ def test_unset_environment_variable_is_named(tmp_path, cli_error, monkeypatch):
     cli_error("SDEPURE_CIFAR10", "certify", "--config", "densepure-cifar10", "--out", str(tmp_path / "o"))
 
 
-def test_densepure_cifar10_config_with_tiny_improved_diffusion(tmp_path, run_cli):
-    """The shipped DensePure CIFAR-10 settings on a tiny improved-diffusion UNet (flat state dict)
-    and a tiny WideResNet (wrapped, prefixed), through --model-weights / --data-root."""
+def _tiny_densepure_cifar10(tmp_path):
+    """The shipped DensePure CIFAR-10 config on a tiny improved-diffusion UNet (flat state dict,
+    learned sigma) and a tiny WideResNet; returns the certify arguments."""
     torch.manual_seed(0)
     arch = dict(adm_config("improved-cifar10-uncond"), image_size=32, model_channels=32, num_res_blocks=1,
                 channel_mult=(1, 2), attention_resolutions=(16,), num_heads=2)
@@ -87,16 +87,45 @@ num_heads = 2
 '''
     (tmp_path / "cfg.toml").write_text(text)
     write_cifar(tmp_path / "data")
+    return ["--config", str(tmp_path / "cfg.toml"), "--model-weights", str(tmp_path / "cifar10_uncond_50M_500K.pt"),
+            "--data-root", str(tmp_path / "data"), "--votes", "2", "--n0", "2", "--n", "4", "--batch", "4",
+            "--stop", "2", "--skip", "1"]
+
+
+def test_densepure_cifar10_config_with_tiny_improved_diffusion(tmp_path, run_cli):
+    """The shipped DensePure CIFAR-10 settings on a tiny improved-diffusion UNet (flat state dict)
+    and a tiny WideResNet (wrapped, prefixed), through --model-weights / --data-root; its ddpm
+    steps use the checkpoint's learned variance, as DensePure ran it, and the run records that."""
     out = tmp_path / "run"
-    code, stdout, err = run_cli("certify", "--config", str(tmp_path / "cfg.toml"),
-                                "--model-weights", str(tmp_path / "cifar10_uncond_50M_500K.pt"),
-                                "--data-root", str(tmp_path / "data"), "--votes", "2", "--n0", "2", "--n", "4",
-                                "--batch", "4", "--stop", "2", "--skip", "1", "--out", str(out))
+    code, stdout, err = run_cli("certify", *_tiny_densepure_cifar10(tmp_path), "--out", str(out))
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["purifier"]["solver"] == "ddpm" and summary["images"] == 2
     # sigma 0.5 on the cosine T=4000 table, nearest rule: index 1983 -> t = 1984 / 4000
     assert summary["t_star"] == pytest.approx(1984 / 4000)
+    assert summary["settings"]["purifier"]["variance"] == "auto" and summary["resolved"]["variance"] == "learned"
+    assert json.loads((out / "run.json").read_text())["resolved"] == {"variance": "learned"}
+    assert "learned ddpm variance" in stdout
+
+
+def test_a_record_from_before_learned_variance_resumes_with_the_posterior_variance(tmp_path, run_cli):
+    """run.json written before variance (and rng, early_stop, the resolved meaning) existed: the
+    run resumes as it ran, with the posterior variance, not the learned one auto now means."""
+    args = _tiny_densepure_cifar10(tmp_path)
+    run = tmp_path / "run"
+    code, _, err = run_cli("certify", *args, "--out", str(run))
+    assert code == 0, err
+    record = json.loads((run / "run.json").read_text())
+    for key in ("variance", "rng", "early_stop"):
+        del record["settings"]["purifier"][key]
+    del record["resolved"]
+    (run / "run.json").write_text(json.dumps(record))
+    lines = (run / "certify.tsv").read_text().splitlines(keepends=True)
+    (run / "certify.tsv").write_text("".join(lines[:2]))  # the second image to redo
+    code, stdout, err = run_cli("certify", "--resume", str(run), "--model-weights", args[3], "--data-root", args[5])
+    assert code == 0, err
+    assert json.loads((run / "summary.json").read_text())["resolved"]["variance"] == "posterior"
+    assert "learned" not in stdout
 
 
 def test_diffpure_cifar10_config_with_tiny_score_sde(tmp_path, run_cli):

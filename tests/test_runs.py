@@ -416,24 +416,6 @@ def test_a_run_resumes_with_resume_alone_whatever_its_settings(tiny, tmp_path, r
     assert cells(run) == cells(whole)
 
 
-def test_a_record_without_the_newer_settings_resumes_as_it_ran(tiny, tmp_path, run_cli):
-    """run.json from before rng, early_stop and variance existed: it reads as the CPU stream, and the
-    resumed rows equal the run's own."""
-    run = tmp_path / "run"
-    certify_ok(run_cli, "--config", str(tiny), "--solver", "ddpm", "--out", str(run))
-    before = cells(run)
-    record = json.loads((run / "run.json").read_text())
-    for key in ("rng", "early_stop", "variance"):
-        del record["settings"]["purifier"][key]
-    (run / "run.json").write_text(json.dumps(record))
-    text = (run / "certify.tsv").read_text()
-    (run / "certify.tsv").write_text(text[:text.rindex("2\t")])
-    certify_ok(run_cli, "--resume", str(run))
-    assert cells(run) == before
-    resumed = runs.load_record(run)["settings"]["purifier"]
-    assert (resumed["rng"], resumed["variance"]) == ("cpu", "posterior")
-
-
 @pytest.fixture
 def partial_run(tiny, tmp_path, run_cli):
     """A run of 3 images with its last row removed and torn, as after a kill."""
@@ -465,6 +447,21 @@ def test_resume_with_another_config_file_names_the_differing_table_key(partial_r
     edited.write_text(tiny.read_text().replace('dataset = "digits"', 'dataset = "digits"\nsplit = "train"'))
     cli_error("setting config.data.split differs: the run has \"<unset>\", this command \"train\"", "certify",
               "--resume", str(partial_run), "--config", str(edited))
+
+
+def test_resume_with_a_config_whose_method_differs_is_refused(partial_run, tiny, tmp_path, cli_error):
+    edited = tmp_path / "edited.toml"
+    edited.write_text(tiny.read_text().replace("sigma = 0.5", "sigma = 0.25"))
+    cli_error("setting purifier.sigma differs: the run has 0.5, this command 0.25", "certify",
+              "--resume", str(partial_run), "--config", str(edited))
+
+
+def test_resume_with_another_solver_names_the_solver(tiny, tmp_path, run_cli, cli_error):
+    """The recorded variance went with the recorded ddpm solver: another solver is refused by name,
+    not as a variance that does not apply to it."""
+    run = tmp_path / "run"
+    certify_ok(run_cli, "--config", str(tiny), "--solver", "ddpm", "--variance", "posterior", "--out", str(run))
+    cli_error("setting purifier.solver differs", "certify", "--resume", str(run), "--solver", "euler")
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path, cli_error):

@@ -16,7 +16,7 @@ from sdepure.models.base import EpsNetModel
 from sdepure.rng import derive_seed
 from sdepure.schedules import DiscreteVP
 from sdepure.settings import Purifier
-from sdepure.solvers import Sampler, ddpm_times, solve
+from sdepure.solvers import Sampler, solve
 
 from test_adm import randomized, tiny_config
 
@@ -38,8 +38,8 @@ def _paper_sampler(net, schedule: DiscreteVP, indices, x, seed):
     """Ancestral sampling on the respaced chain of table indices `indices` (ascending), written from
     Nichol & Dhariwal (2021): betas re-derived from alpha_bar on the kept steps; the model's variance
     channels v give log Sigma = f log beta_i + (1 - f) log beta~_i, f = (v + 1) / 2 (eq. 15), with
-    log beta~ clipped at i = 0 (where beta~ = 0) to its value at i = 1; mean = the posterior mean
-    of the clipped x0 prediction (eq. 11-12); no noise at the last step."""
+    log beta~ clipped at i = 0 (where beta~ = 0) to its value at i = 1, which no step uses since the
+    last step adds no noise; mean = the posterior mean of the clipped x0 prediction (eq. 11-12)."""
     ab = [float(schedule.alpha_bars[i]) for i in indices]
     ab_prev = [1.0] + ab[:-1]
     beta = [1 - a / p for a, p in zip(ab, ab_prev)]
@@ -66,7 +66,8 @@ def test_learned_variance_follows_the_paper_on_the_respaced_chain(adm, steps):
     schedule = model.schedule
     t_star = schedule.t_star(0.5, "nearest")
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    indices = sorted(round(float(schedule.index_of_time(t))) for t in ddpm_times(schedule, t_star, steps)[:-1])
+    i_star = schedule.t_index_star(0.5, "nearest")
+    indices = sorted({round(i_star - j * i_star / steps) for j in range(steps)})  # DensePure's subsequence
     with torch.no_grad():
         expected = _paper_sampler(net, schedule, indices, x, seed=11)
         out = solve(model, x, t_star, Sampler("ddpm", steps, variance="learned"), 11)
@@ -114,8 +115,8 @@ def test_auto_variance_is_learned_for_ddpm_with_a_variance_output(adm):
 
     assert variance(solver="ddpm") == "learned"
     assert variance(solver="ddpm", variance="posterior") == "posterior"
-    assert variance(solver="euler") == "posterior"  # auto: the SDE's noise is fixed by beta(t)
-    assert variance(solver="ddim", eta=1.0) == "posterior"
+    assert variance(solver="euler") is None  # auto: nothing to choose, the SDE's noise is fixed by beta(t)
+    assert variance(solver="ddim", eta=1.0) is None
     plain = EpsNetModel(_Stub(0.0), DiscreteVP.cosine(400), "index-rescaled")
     assert Defense(Purifier("densepure", sigma=0.5, votes=2, steps=3, solver="ddpm"), plain, classifier,
                    10).sampler.variance == "posterior"

@@ -38,6 +38,11 @@ TIME_INPUTS: dict[str, Callable[[torch.Tensor, VPSchedule], torch.Tensor]] = {
 }
 
 
+def split_variance(out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learned-variance network's output -> (eps, v): the first `channels` channels are eps."""
+    return out[:, :channels], out[:, channels:]
+
+
 class DiffusionModel(nn.Module):
     """Base class: subclasses define eps (or score, overriding both). A model with a learned
     variance (Nichol & Dhariwal 2021) sets has_variance and defines eps_variance."""
@@ -97,7 +102,7 @@ class EpsNetModel(DiffusionModel):
 
     def eps(self, x, t):
         out = self._net(x, t)
-        return out[:, : x.shape[1]] if self.learned_sigma else out
+        return split_variance(out, x.shape[1])[0] if self.learned_sigma else out
 
     def eps_variance(self, x, t):
         if not self.learned_sigma:
