@@ -36,6 +36,10 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
               "(the device-independent CPU stream, moved to the device).")
 @click.option("--full-vote", is_flag=True, default=None,
               help="DensePure: evaluate all K runs of every draw (the default early stop gives the same labels).")
+@click.option("--sampling", type=str, help="Estimation draws per image: fixed (Cohen's n, default), iss "
+              "(input-specific, --n is the cap) or sequential (anytime-valid at --radii, --n is the cap).")
+@click.option("--radius-tol", type=str, help="iss: the radius the fewer draws may lose against --n (default 0.05).")
+@click.option("--radii", type=str, help="sequential: target radii, increasing, e.g. 0,0.25,0.5.")
 @click.option("--batch", type=int, help="Noise draws per forward pass (x votes rows).")
 @click.option("--start", type=int, help="First test image index.")
 @click.option("--stop", type=int, help="Stop before this image index.")
@@ -45,7 +49,7 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
               help="Continue the run in this directory (its recorded settings; flags given must agree).")
 @common_options
 def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta, variance, precision, rng, full_vote,
-            batch, start, stop, skip, shard, resume, seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
+            sampling, radius_tol, radii, batch, start, stop, skip, shard, resume, seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
     """Certify a purified classifier with randomized smoothing (Cohen et al.).
 
     Writes run.json at the start, certify.tsv (idx label predict radius correct time) row by row,
@@ -58,7 +62,8 @@ def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta,
     part = runs.parse_shard(shard) if shard is not None else None
     overrides = dict(name=method, sigma=sigma, votes=votes, steps=steps, solver=solver, eta=eta, variance=variance,
                      precision=precision, rng=rng, early_stop=False if full_vote else None, n0=n0, n=n, alpha=alpha,
-                     batch=batch, start=start, stop=stop, skip=skip, seed=seed if given["seed"] else None)
+                     batch=batch, start=start, stop=stop, skip=skip, seed=seed if given["seed"] else None,
+                     sampling=sampling, radius_tol=radius_tol, radii=radii)
     if resume is not None:
         if out is not None:
             raise SdepureError("--resume continues the run in its own directory; drop --out")
@@ -91,5 +96,9 @@ def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta,
                    f"rank 0 merges")
         return
     click.echo(experiments.certified_table(summary))
+    if summary["mean_draws_per_image"] is not None:
+        click.echo(f"per image: {summary['mean_draws_per_image']:.0f} draws, "
+                   f"{summary['mean_network_calls_per_image']:.0f} network calls, "
+                   f"{summary['mean_seconds_per_image']:.2f} s")
     click.echo(f"wrote {summary['run_dir']}/certify.tsv, certified_accuracy.png, summary.json "
                f"({summary['wall_seconds']:.1f} s)")

@@ -38,7 +38,7 @@ from .rng import Draw, Draws
 from .schedules import DiscreteVP, sigma_for_alpha_bar
 from .sde import network_call
 from .settings import REVERSE_METHODS, Purifier
-from .solvers import EXACT_GRAPH_BUDGET, Sampler, graph_bytes, has_step_variance, plain_graph_fits, solve
+from .solvers import CALLS_PER_STEP, EXACT_GRAPH_BUDGET, Sampler, graph_bytes, has_step_variance, plain_graph_fits, solve
 
 DEFAULT_T_RULE = {"carlini": "first", "diffpure": "nearest", "densepure": "nearest"}
 
@@ -143,6 +143,11 @@ class Defense(nn.Module):
             self.model = with_precision(precision.prepare(model), settings.precision)
         self.graph_budget = EXACT_GRAPH_BUDGET
         self._call_bytes_per_row: float | None = None  # measured once, on the first exact solve
+        # score-network calls (rows fed to the network) so far: what a certificate costs
+        # (ode-dopri5 adapts its steps and is counted as one call per step)
+        self.network_calls = 0
+        self._calls_per_row = 0 if self.model is None else 1 if self.sampler is None else (
+            CALLS_PER_STEP.get(self.sampler.method, 1) * len(self.sampler.times(self.model.schedule, self.t_star)))
 
     @property
     def resolved(self) -> dict:
@@ -183,6 +188,7 @@ class Defense(nn.Module):
         times, (purified, states, times)."""
         if self.method == "none":
             return x_noisy
+        self.network_calls += x_noisy.shape[0] * self._calls_per_row
         xt = self.x_t_star(x_noisy)
         if self.method == "carlini":
             out = network_call(self.model.x0, xt, self.t_star)

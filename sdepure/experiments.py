@@ -99,7 +99,7 @@ def certify(cfg: dict, settings: Certify, device, out: Path | None = None, allow
         + (f", t*={t_star:.4f}" if t_star is not None else "")
         + (f", {defense.resolved['variance']} ddpm variance" if defense.resolved.get("variance") else ""))
     say(f"  n0={settings.n0} n={settings.n} alpha={settings.alpha} batch={settings.batch} seed={settings.seed} "
-        f"device={device}" + (f" out={out}" if out is not None else ""))
+        f"device={device}" + (f" out={out}" if out is not None else "") + sampling_note(settings))
 
     run_dir, done = None, []
     try:
@@ -121,15 +121,17 @@ def certify(cfg: dict, settings: Certify, device, out: Path | None = None, allow
                 bar.draws(m)
 
         args = (smooth, c.x, c.y, todo, settings.n0, settings.n, settings.alpha, settings.batch, settings.seed)
-        on_row = bar.image if bar else None
+        kwargs = dict(on_row=bar.image if bar else None, calls=lambda: defense.network_calls,
+                      sampling=settings.sampling, radius_tol=settings.radius_tol, radii=settings.radii or ())
         try:
             if run_dir is not None:
+                cost = runs.has_cost_columns(run_dir / runs.TSV_FILE)  # a run from before keeps its columns
                 with open(run_dir / runs.TSV_FILE, "a") as tsv, torch.no_grad():
-                    certify_images(*args, tsv=tsv, progress=draws, device=device, on_row=on_row)
+                    certify_images(*args, tsv=tsv, progress=draws, device=device, cost=cost, **kwargs)
                 rows = runs.load_rows(run_dir)
             else:
                 with torch.no_grad():
-                    rows = certify_images(*args, progress=draws, device=device, on_row=on_row)
+                    rows = certify_images(*args, progress=draws, device=device, **kwargs)
         finally:
             if bar:
                 bar.close()
@@ -211,16 +213,30 @@ def _open_run(out: Path, cfg: dict, settings: Certify, indices: list[int], shard
     return out, run_dir, []
 
 
+def sampling_note(settings: Certify) -> str:
+    if settings.sampling == "iss":
+        return f" sampling=iss (cap n, radius-tol {settings.radius_tol:g})"
+    if settings.sampling == "sequential":
+        return f" sampling=sequential (cap n, radii {', '.join(f'{r:g}' for r in settings.radii)})"
+    return ""
+
+
 def certify_summary(cfg: dict, settings: Certify, rows: list[dict], t_star: float | None, device: str) -> dict:
+    """Certified accuracy at the default radii (sequential sampling: at its target radii only, the
+    only ones it decides), and what the images cost: mean draws and network calls per image (over
+    the rows that record them; a run from before issue 14 has none)."""
     radius = np.array([r["radius"] for r in rows])
     correct = np.array([r["correct"] for r in rows])
-    radii = report.default_radii(settings.sigma)
+    radii = list(settings.radii) if settings.sampling == "sequential" else report.default_radii(settings.sigma)
     accs = report.certified_accuracy(radius, correct, radii)
+    costed = [r for r in rows if "draws" in r]
     return {"command": "certify", "config": cfg["name"], "config_source": cfg["source"],
             "settings": settings.to_dict(), "device": device, "t_star": t_star, "images": len(rows),
             "abstain": int(sum(r["predict"] < 0 for r in rows)),
             "certified_accuracy": {f"{r:g}": a for r, a in zip(radii, accs)},
             "mean_seconds_per_image": float(np.mean([r["time"] for r in rows])) if rows else None,
+            "mean_draws_per_image": float(np.mean([r["draws"] for r in costed])) if costed else None,
+            "mean_network_calls_per_image": float(np.mean([r["calls"] for r in costed])) if costed else None,
             "files": {"tsv": "certify.tsv", "png": "certified_accuracy.png"}}
 
 

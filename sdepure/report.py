@@ -9,7 +9,11 @@ import numpy as np
 
 from .errors import SdepureError
 
-TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+TSV_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"  # Cohen et al.'s columns, first in every run
+# what each image cost: its noise draws (n0 + the estimation's) and score-network calls (rows fed
+# to the network); runs written before issue 14 have Cohen's columns only
+COST_COLUMNS = ("draws", "calls")
+TSV_HEADER_COST = TSV_HEADER + "\t" + "\t".join(COST_COLUMNS)
 
 
 def default_radii(sigma: float, max_radius: float | None = None) -> list[float]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SdepureError
-from .report import TSV_HEADER
+from .report import TSV_HEADER, TSV_HEADER_COST
 from .settings import Certify
 from .smoothing import format_row
 
@@ -203,34 +203,54 @@ def check_resumable(run_dir: Path, recorded: dict, current: dict) -> None:
 
 # -- certify.tsv --------------------------------------------------------------------------------
 
-def _parse_row(line: bytes) -> dict | None:
+def _parse_row(line: bytes, cost: bool) -> dict | None:
     try:
         fields = line.decode("utf-8").split("\t")
-        if len(fields) != 6:
+        if len(fields) != (8 if cost else 6):
             return None
         row = {"idx": int(fields[0]), "label": int(fields[1]), "predict": int(fields[2]),
                "radius": float(fields[3]), "correct": int(fields[4]), "time": float(fields[5])}
+        if cost:
+            row.update(draws=int(fields[6]), calls=int(fields[7]))
     except (UnicodeDecodeError, ValueError):
         return None
     return row if row["correct"] in (0, 1) and row["idx"] >= 0 else None
 
 
+def _header(data: bytes, path: Path) -> tuple[bytes, bool] | None:
+    """(the header line, whether it has the cost columns); None for a torn header."""
+    for header, cost in ((TSV_HEADER_COST, True), (TSV_HEADER, False)):  # Cohen's six alone: before issue 14
+        head = (header + "\n").encode()
+        if data.startswith(head):
+            return head, cost
+    if (TSV_HEADER_COST + "\n").encode().startswith(data):
+        return None
+    raise SdepureError(f"{path} does not start with the header of a certify.tsv; not a run's table")
+
+
+def has_cost_columns(path: Path) -> bool:
+    """Whether a run's certify.tsv has the draws and calls columns (a new or empty one has)."""
+    path = Path(path)
+    found = _header(path.read_bytes(), path) if path.exists() else None
+    return found is None or found[1]
+
+
 def read_rows(path: Path) -> tuple[list[dict], int, bool]:
-    """The complete rows of a certify.tsv, the number of bytes they take (header included), and
-    whether a torn last line (no trailing newline, or an unparsable last line) follows them.
-    A missing file or a torn header reads as no rows. Any other malformed line is an error."""
+    """The complete rows of a certify.tsv (Cohen's six columns, or those and the cost columns),
+    the number of bytes they take (header included), and whether a torn last line (no trailing
+    newline, or an unparsable last line) follows them. A missing file or a torn header reads as
+    no rows. Any other malformed line is an error."""
     path = Path(path)
     data = path.read_bytes() if path.exists() else b""
-    head = (TSV_HEADER + "\n").encode()
-    if not data.startswith(head):
-        if head.startswith(data):
-            return [], 0, bool(data)
-        raise SdepureError(f"{path} does not start with the header of a certify.tsv; not a run's table")
+    found = _header(data, path)
+    if found is None:
+        return [], 0, bool(data)
+    head, cost = found
     lines = data[len(head):].split(b"\n")
     tail = lines.pop()  # what follows the last newline: empty unless the last line is torn
     rows, pos = [], len(head)
     for k, line in enumerate(lines):
-        row = _parse_row(line)
+        row = _parse_row(line, cost)
         if row is None:
             if k == len(lines) - 1 and not tail:
                 return rows, pos, True
@@ -252,9 +272,11 @@ def check_rows(path: Path, rows: list[dict], images: list[int]) -> None:
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
+    """certify.tsv with the cost columns, unless a row lacks them (rows of a run from before)."""
+    cost = all("draws" in r for r in rows)
     with open(path, "w") as fh:
-        fh.write(TSV_HEADER + "\n")
-        fh.writelines(format_row(r) for r in rows)
+        fh.write((TSV_HEADER_COST if cost else TSV_HEADER) + "\n")
+        fh.writelines(format_row(r, cost) for r in rows)
 
 
 # -- starting and resuming --------------------------------------------------------------------

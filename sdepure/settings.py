@@ -21,6 +21,7 @@ from .errors import SdepureError
 from .precision import PRECISIONS
 from .rng import RNGS
 from .schedules import T_RULES
+from .smoothing import SAMPLINGS, checkpoints
 from .solvers import (NO_ADJOINT, ODE_METHODS, SDE_METHODS, SOLVERS, VARIANCES, check_adjoint_method, check_eta,
                       check_variance, has_step_variance)
 
@@ -68,6 +69,23 @@ def as_float(key: str, value: Any) -> float:
     if number != number or number in (float("inf"), float("-inf")):
         raise SdepureError(f"{_name(key)} must be a finite number, got {value!r}")
     return number
+
+
+def as_radii(value: Any) -> tuple[float, ...]:
+    """Target radii: a list, or a comma-separated string such as '0.25,0.5'; increasing, >= 0."""
+    if value is None:
+        raise SdepureError("--sampling sequential needs its target radii: --radii r1,r2,... (increasing)")
+    items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if isinstance(items, (int, float)):
+        items = [items]
+    radii = tuple(as_float("radii", v) for v in items)
+    if not radii:
+        raise SdepureError("--radii is empty; give the target radii, such as --radii 0.25,0.5")
+    if any(r < 0 for r in radii):
+        raise SdepureError(f"radii must be >= 0, got {', '.join(f'{r:g}' for r in radii)}")
+    if any(b <= a for a, b in zip(radii, radii[1:])):
+        raise SdepureError(f"radii must increase, got {', '.join(f'{r:g}' for r in radii)}")
+    return radii
 
 
 def _choice(key: str, value: Any, choices) -> Any:
@@ -186,7 +204,9 @@ class Purifier:
 
 @dataclass(frozen=True)
 class Certify:
-    """Cohen et al.'s CERTIFY over the test images range(start, stop, skip)."""
+    """Cohen et al.'s CERTIFY over the test images range(start, stop, skip); `sampling` says how
+    many estimation draws each image takes (smoothing.py: fixed n, or iss / sequential with n as
+    the cap)."""
     purifier: Purifier
     n0: int = 100
     n: int = 1000
@@ -196,6 +216,9 @@ class Certify:
     stop: int | None = None
     skip: int = 1
     seed: int = 0
+    sampling: str = "fixed"
+    radius_tol: float | None = None        # iss: the radius the fewer draws may lose (default 0.05)
+    radii: tuple[float, ...] | None = None  # sequential: the target radii, increasing
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -208,6 +231,18 @@ class Certify:
         set_("alpha", as_float("alpha", self.alpha))
         if not 0 < self.alpha < 1:
             raise SdepureError(f"alpha must be in (0, 1), got {self.alpha}")
+        _choice("sampling", self.sampling, SAMPLINGS)
+        if self.radius_tol is not None or self.sampling == "iss":
+            if self.sampling != "iss":
+                raise SdepureError("--radius-tol applies to --sampling iss only")
+            set_("radius_tol", as_float("radius_tol", 0.05 if self.radius_tol is None else self.radius_tol))
+            if not self.radius_tol > 0:
+                raise SdepureError(f"radius-tol must be > 0, got {self.radius_tol}")
+        if self.radii is not None or self.sampling == "sequential":
+            if self.sampling != "sequential":
+                raise SdepureError("--radii applies to --sampling sequential only")
+            set_("radii", as_radii(self.radii))
+            checkpoints(self.n, self.batch)  # the cap must reach the first checkpoint
 
     @property
     def sigma(self) -> float:
@@ -332,7 +367,7 @@ class Attack:
 
 CERTIFY_DEFAULTS = {"method": {"name": "densepure", "sigma": 0.5, "votes": 10, "steps": 10, "solver": "euler"},
                     "certify": {"n0": 100, "n": 1000, "alpha": 0.001, "batch": 100, "start": 0, "stop": None,
-                                "skip": 1}}
+                                "skip": 1, "sampling": "fixed", "radius_tol": None, "radii": None}}
 ATTACK_DEFAULTS = {"method": "diffpure", "t_star": 0.1, "steps": 10, "solver": "euler", "grad": "exact",
                    "norm": "Linf", "eps": "8/255", "version": "rand", "n_examples": 64, "batch": 32,
                    "score_draws": 20, "votes": 1, "adjoint_method": None, "start": 0}

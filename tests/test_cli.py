@@ -82,6 +82,18 @@ BAD = {
     "variance with euler": (["--variance", "posterior"], "applies to the ddpm solver"),
     "variance with carlini": (["--method", "carlini", "--variance", "beta"], "method carlini"),
     "unknown variance": (["--solver", "ddpm", "--variance", "learnt"], "unknown variance"),
+    "unknown sampling": (["--sampling", "adaptive"], "unknown sampling"),
+    "radius-tol zero": (["--sampling", "iss", "--radius-tol", "0"], "radius-tol must be > 0"),
+    "radius-tol negative": (["--sampling", "iss", "--radius-tol", "-0.1"], "radius-tol must be > 0"),
+    "radius-tol without iss": (["--radius-tol", "0.05"], "--sampling iss only"),
+    "radii empty": (["--sampling", "sequential", "--radii", ","], "empty"),
+    "radii unsorted": (["--sampling", "sequential", "--radii", "0.5,0.25"], "increase"),
+    "radii negative": (["--sampling", "sequential", "--radii", "-0.25,0.5"], ">= 0"),
+    "radii not numbers": (["--sampling", "sequential", "--radii", "a,b"], "radii"),
+    "radii without sequential": (["--radii", "0.25"], "--sampling sequential only"),
+    "sequential without radii": (["--sampling", "sequential"], "--radii"),
+    "sequential cap below its first checkpoint": (["--sampling", "sequential", "--radii", "0.25", "--n", "5"],
+                                                  "below its first checkpoint"),
 }
 
 

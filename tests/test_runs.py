@@ -20,8 +20,9 @@ CFG = {"name": "tiny", "source": "/x/tiny.toml", "model": {"family": "m", "weigh
        "classifier": {"family": "c"}, "data": {"dataset": "digits"}, "attack": {"eps": "1/2"}}
 
 
-def row(i, label=1, predict=1, radius=0.25, correct=1, time=0.5):
-    return {"idx": i, "label": label, "predict": predict, "radius": radius, "correct": correct, "time": time}
+def row(i, label=1, predict=1, radius=0.25, correct=1, time=0.5, draws=16, calls=480):
+    return {"idx": i, "label": label, "predict": predict, "radius": radius, "correct": correct, "time": time,
+            "draws": draws, "calls": calls}
 
 
 def record(images, shard=None, world_size=1, **changes):
@@ -54,7 +55,7 @@ def test_parse_shard_refuses(text, needle):
 # -- certify.tsv: torn last lines ---------------------------------------------------------------
 
 def write_tsv(path, rows, tail=""):
-    path.write_text(runs.TSV_HEADER + "\n" + "".join(format_row(r) for r in rows) + tail)
+    path.write_text(runs.TSV_HEADER_COST + "\n" + "".join(format_row(r) for r in rows) + tail)
 
 
 def test_rows_round_trip(tmp_path):
@@ -77,16 +78,36 @@ def test_torn_last_line_is_dropped(tmp_path, tail):
     assert [r["idx"] for r in rows] == [0, 4] and good == complete and torn
 
 
+def test_a_table_from_before_the_cost_columns_reads_resumes_and_merges_in_its_form(tmp_path):
+    """Cohen's six columns alone (runs written before issue 14): read, a torn row repaired, rows
+    appended by a resume in the same six columns, shards merged into six columns."""
+    old = [{k: v for k, v in row(j).items() if k not in ("draws", "calls")} for j in (0, 2)]
+    path = tmp_path / "t.tsv"
+    path.write_text(runs.TSV_HEADER + "\n" + "".join(format_row(r, cost=False) for r in old) + "4\t1\t")
+    back, good, torn = runs.read_rows(path)
+    assert [r["idx"] for r in back] == [0, 2] and torn and "draws" not in back[0]
+    assert not runs.has_cost_columns(path) and runs.has_cost_columns(tmp_path / "new.tsv")
+    run = tmp_path / "run"
+    rec = record([0, 2, 4])
+    runs.start(run, rec)
+    (run / "certify.tsv").write_text(path.read_text())
+    assert [r["idx"] for r in runs.resume(run, rec)] == [0, 2]
+    assert (run / "certify.tsv").read_text().splitlines()[0] == runs.TSV_HEADER  # still Cohen's form
+    runs.write_rows(tmp_path / "merged.tsv", old + [row(4)])  # a row without the columns: none get them
+    assert (tmp_path / "merged.tsv").read_text().splitlines()[0] == runs.TSV_HEADER
+    assert [r["idx"] for r in runs.read_rows(tmp_path / "merged.tsv")[0]] == [0, 2, 4]
+
+
 def test_torn_or_missing_header_reads_as_empty(tmp_path):
     path = tmp_path / "t.tsv"
     assert runs.read_rows(path) == ([], 0, False)
-    path.write_text(runs.TSV_HEADER[:7])
+    path.write_text(runs.TSV_HEADER_COST[:7])
     assert runs.read_rows(path) == ([], 0, True)
 
 
 def test_malformed_middle_line_or_foreign_file_is_an_error(tmp_path):
     path = tmp_path / "t.tsv"
-    path.write_text(runs.TSV_HEADER + "\n" + format_row(row(0)) + "garbage\n" + format_row(row(1)))
+    path.write_text(runs.TSV_HEADER_COST + "\n" + format_row(row(0)) + "garbage\n" + format_row(row(1)))
     with pytest.raises(SdepureError, match="line 3 is malformed"):
         runs.read_rows(path)
     path.write_text("something else\n")
@@ -101,7 +122,7 @@ def test_start_then_resume_repairs_a_torn_line_and_lists_pending(tmp_path):
     rec = record([0, 2, 4, 6])
     runs.start(run, rec)
     assert runs.load_record(run) == rec
-    assert (run / "certify.tsv").read_text() == runs.TSV_HEADER + "\n"
+    assert (run / "certify.tsv").read_text() == runs.TSV_HEADER_COST + "\n"
     with open(run / "certify.tsv", "a") as fh:
         fh.write(format_row(row(0)) + format_row(row(2)) + "4\t1\t")
     done = runs.resume(run, rec)
@@ -115,7 +136,7 @@ def test_resume_refuses_other_settings_naming_them_and_changes_nothing(tmp_path)
     run = tmp_path / "run"
     rec = record([0, 1, 2])
     runs.start(run, rec)
-    (run / "certify.tsv").write_text(runs.TSV_HEADER + "\n" + format_row(row(0)) + "1\t")
+    (run / "certify.tsv").write_text(runs.TSV_HEADER_COST + "\n" + format_row(row(0)) + "1\t")
     before = (run / "certify.tsv").read_bytes()
     other_sigma = json.loads(json.dumps(rec))
     other_sigma["settings"]["purifier"]["sigma"] = 0.25
@@ -157,10 +178,10 @@ def test_rows_outside_the_run_are_refused(tmp_path):
     run = tmp_path / "run"
     rec = record([0, 1])
     runs.start(run, rec)
-    (run / "certify.tsv").write_text(runs.TSV_HEADER + "\n" + format_row(row(5)))
+    (run / "certify.tsv").write_text(runs.TSV_HEADER_COST + "\n" + format_row(row(5)))
     with pytest.raises(SdepureError, match="image 5, which is not among"):
         runs.resume(run, rec)
-    (run / "certify.tsv").write_text(runs.TSV_HEADER + "\n" + format_row(row(1)) + format_row(row(1)))
+    (run / "certify.tsv").write_text(runs.TSV_HEADER_COST + "\n" + format_row(row(1)) + format_row(row(1)))
     with pytest.raises(SdepureError, match="two rows for image 1"):
         runs.resume(run, rec)
 
@@ -294,6 +315,27 @@ def test_progress_status_rate_and_eta():
     assert format_seconds(3 * 3600 + 61) == "3:01:01" and format_seconds(None) == "?"
 
 
+def test_progress_eta_follows_the_draws_images_actually_take():
+    """With adaptive sampling an image takes fewer draws than the cap: once images finish, the
+    ETA uses their mean draws, not the cap."""
+    class Clock:
+        t = 0.0
+
+        def __call__(self):
+            return self.t
+    clock = Clock()
+    p = Progress(total=10, draws_per_image=500, stream=io.StringIO(), clock=clock, every=1e9)
+    for k in range(2):  # two images of 100 draws each, at 10 draws/s
+        clock.t += 10
+        p.draws(100)
+        p.image(row(k))
+    # 8 images left at 100 draws (not 500) each: 800 draws at 10/s
+    assert p.status() == "certify: 2/10 images, 10 draws/s, ETA 0:01:20"
+    clock.t += 5
+    p.draws(50)  # half of the next image drawn
+    assert p.status().endswith("ETA 0:01:15")  # (800 - 50) draws at 250 / 25 s
+
+
 def test_progress_on_a_terminal_draws_a_bar_and_keeps_image_lines():
     stream = TTY()
     with Progress(total=2, draws_per_image=10, stream=stream, prefix="[rank 1/2] ") as p:
@@ -414,6 +456,32 @@ def test_a_run_resumes_with_resume_alone_whatever_its_settings(tiny, tmp_path, r
     (run / "summary.json").unlink()
     certify_ok(run_cli, "--resume", str(run))
     assert cells(run) == cells(whole)
+
+
+@pytest.mark.parametrize("mode", [["--sampling", "iss", "--radius-tol", "0.1"],
+                                  ["--sampling", "sequential", "--radii", "0,0.25", "--batch", "4"]])
+def test_adaptive_sampling_rows_equal_across_shards_and_resume(tiny, tmp_path, run_cli, mode):
+    """Each image's draws are addressed by (seed, image) in every sampling mode: shards merged,
+    and a run resumed after a torn row, give the whole run's rows, cost columns included."""
+    args = ["--config", str(tiny), "--stop", "6", "--n", "40", "--seed", "2", *mode]
+    certify_ok(run_cli, *args, "--out", str(tmp_path / "whole"))
+    whole = (tmp_path / "whole" / "certify.tsv").read_text().splitlines()
+    assert whole[0].endswith("\tdraws\tcalls")
+    drawn = [int(line.split("\t")[6]) for line in whole[1:]]
+    assert all(4 <= d <= 4 + 40 for d in drawn)  # n0 = 4 plus at most the cap
+    for i in (0, 1):
+        certify_ok(run_cli, *args, "--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}"))
+    code, _, err = run_cli("merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    assert cells(tmp_path / "m") == cells(tmp_path / "whole")
+    merged = (tmp_path / "m" / "certify.tsv").read_text().splitlines()
+    assert [line.split("\t")[6:] for line in merged] == [line.split("\t")[6:] for line in whole]
+    run = tmp_path / "run"
+    certify_ok(run_cli, *args, "--out", str(run))
+    text = (run / "certify.tsv").read_text()
+    (run / "certify.tsv").write_text(text[:text.rindex("4\t")] + "4\t")
+    certify_ok(run_cli, "--resume", str(run))
+    assert cells(run) == cells(tmp_path / "whole")
 
 
 @pytest.fixture

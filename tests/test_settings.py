@@ -108,7 +108,9 @@ PURIFIERS = [  # between them, every Purifier field away from its default
     Purifier("diffpure", sigma=0.2, t_star=0.3, solver="ddim", eta=0.5),
     Purifier("diffpure", sigma=0.2, solver="heun", grad="adjoint", adjoint_method="midpoint"),
 ]
-CERTIFIES = [Certify(p, n0=7, n=33, alpha=0.01, batch=9, start=2, stop=40, skip=3, seed=5) for p in PURIFIERS]
+CERTIFIES = [Certify(p, n0=7, n=33, alpha=0.01, batch=9, start=2, stop=40, skip=3, seed=5) for p in PURIFIERS] + [
+    Certify(PURIFIERS[0], sampling="iss", radius_tol=0.1),
+    Certify(PURIFIERS[1], n=400, batch=50, sampling="sequential", radii=(0.0, 0.25, 0.5))]
 ATTACKS = [
     Attack(Purifier("densepure", t_star=0.2, votes=3), kind="pgd", norm="L2", eps=0.5, n_examples=5, start=1,
            batch=4, score_draws=7, pgd_steps=9, eot=4, step_size=0.01, eot_batch=2, seed=3, threads=1),

@@ -115,3 +115,88 @@ def test_radius_is_sigma_times_quantile_of_the_lower_bound(n_a, n):
         lo, hi = (mid, hi) if binom.sf(n_a - 1, n, mid) < ALPHA else (lo, mid)
     assert smoothing.lower_confidence_bound(n_a, n, ALPHA) == pytest.approx(lo, abs=1e-9)
     assert np.isfinite(lo)
+
+
+# -- adaptive sampling: ISS and sequential --------------------------------------------------------
+
+def audit(smooth: Smooth, x, margins, n, batch, seed, **sampling):
+    """Over-claims (a wrong class, or a radius above the true one) and draws per input."""
+    over = abstain = draws = 0
+    for i in range(len(x)):
+        pred, radius, info = smooth.certify(x[i], N0, n, ALPHA, batch, seed=derive_seed(seed, i), **sampling)
+        draws += info["draws"]
+        if pred == ABSTAIN:
+            abstain += 1
+        elif pred != int(margins[i] > 0) or radius > abs(float(margins[i])):
+            over += 1
+    return {"over_claims": over, "abstain": abstain, "mean_draws": draws / len(x)}
+
+
+def test_iss_is_sound_on_a_linear_classifier():
+    """ISS with the cap N: over-claims within the same binomial limit, and fewer draws than N."""
+    w, b, x, margins = linear_problem(INPUTS, 3.0, seed=2)
+    smooth = Smooth(base_classifier(w, b), num_classes=2, sigma=SIGMA)
+    counts = audit(smooth, x, margins, N, BATCH, 13, sampling="iss", radius_tol=0.05)
+    print(f"\nISS (radius-tol 0.05, cap {N}), {INPUTS} inputs: {counts}; limit {LIMIT}")
+    assert counts["over_claims"] <= LIMIT, counts
+    assert counts["abstain"] < INPUTS / 4 and counts["mean_draws"] < N0 + N, counts
+
+
+def test_iss_final_count_never_reuses_a_pilot_draw():
+    """The pilot (the n0 selection draws) decides how many estimation draws to take; the bound
+    counts only fresh ones: no seed of the final count is a seed of the pilot."""
+    from sdepure.rng import Draws
+
+    class Recording(Draws):
+        def __init__(self):
+            super().__init__("cpu")
+            self.seeds = []
+
+        def randn(self, shape, seed, *args, **kwargs):
+            self.seeds.append((seed, shape[0]))
+            return super().randn(shape, seed, *args, **kwargs)
+
+    w, b, x, margins = linear_problem(40, 3.0, seed=3)
+    for i in range(len(x)):
+        draws = Recording()
+        smooth = Smooth(base_classifier(w, b), num_classes=2, sigma=SIGMA, rng=draws)
+        _, _, info = smooth.certify(x[i], N0, 2000, ALPHA, 50, seed=derive_seed(14, i), sampling="iss",
+                                    radius_tol=0.05)
+        pilot_batches = -(-N0 // 50)
+        pilot, final = draws.seeds[:pilot_batches], draws.seeds[pilot_batches:]
+        assert sum(m for _, m in pilot) == N0 and sum(m for _, m in final) == info["draws"] - N0
+        assert not {s for s, _ in pilot} & {s for s, _ in final}
+
+
+SEQ_BATCH, SEQ_CAP, SEQ_RADII = 50, 6400, (0.25, 0.5)  # checkpoints 50, 100, ..., 3200, 6400: eight
+
+
+def test_sequential_is_sound_at_the_thresholds_and_needs_the_split(monkeypatch):
+    """Inputs exactly at each target radius's threshold (p_A = Phi(r / sigma), true radius r): a
+    certificate of r there is an over-claim. With alpha split over the eight checkpoints the
+    over-claims stay within the binomial limit; looking at every checkpoint with the whole alpha
+    (an unsplit bound) over-claims several times as often and must exceed it."""
+    w, b, x, _ = linear_problem(INPUTS, 1.0, seed=4)
+    unit = w / w.norm()
+    margins = torch.tensor([SEQ_RADII[i % len(SEQ_RADII)] for i in range(INPUTS)], dtype=torch.float64)
+    x = x + (margins - (x @ w - b) / w.norm())[:, None] * unit  # moved onto the threshold margins
+    smooth = Smooth(base_classifier(w, b), num_classes=2, sigma=SIGMA)
+    assert len(smoothing.checkpoints(SEQ_CAP, SEQ_BATCH)) == 8
+    counts = audit(smooth, x, margins, SEQ_CAP, SEQ_BATCH, 15, sampling="sequential", radii=SEQ_RADII)
+    print(f"\nsequential (radii {SEQ_RADII}, cap {SEQ_CAP}, 8 checkpoints), inputs at the thresholds: {counts}; "
+          f"limit {LIMIT}")
+    assert counts["over_claims"] <= LIMIT, counts
+    monkeypatch.setattr(smoothing, "checkpoint_alpha", lambda alpha, count: alpha)
+    unsplit = audit(smooth, x, margins, SEQ_CAP, SEQ_BATCH, 15, sampling="sequential", radii=SEQ_RADII)
+    print(f"unsplit alpha: {unsplit}")
+    assert unsplit["over_claims"] > LIMIT, unsplit
+
+
+def test_sequential_is_sound_across_margins_and_stops_early():
+    """Margins spread as for CERTIFY: sound, and most inputs decide before the cap."""
+    w, b, x, margins = linear_problem(INPUTS, 3.0, seed=5)
+    smooth = Smooth(base_classifier(w, b), num_classes=2, sigma=SIGMA)
+    counts = audit(smooth, x, margins, SEQ_CAP, SEQ_BATCH, 16, sampling="sequential", radii=SEQ_RADII)
+    print(f"\nsequential, margins within 3 sigma: {counts}; limit {LIMIT}")
+    assert counts["over_claims"] <= LIMIT, counts
+    assert counts["mean_draws"] < (N0 + SEQ_CAP) / 4, counts
