@@ -13,8 +13,9 @@ How many draws the bound takes (`sampling`); n0 selection draws pick cA in every
 - sequential: anytime-valid at target radii. Clopper-Pearson at checkpoints batch, 2 batch, 4 batch,
   ..., n, each at alpha / (number of checkpoints), so all bounds hold at once with probability
   1 - alpha; the draws stop at the first checkpoint where every target radius r is decided:
-  certified (lower bound >= Phi(r / sigma)) or out of reach (upper bound < Phi(r / sigma)). The
-  radius is the bound at that checkpoint's split alpha, never at the whole alpha.
+  certified (lower bound >= Phi(r / sigma)), or out of reach: with 1 - FUTILITY confidence p_A is
+  below what the cap n itself would need to certify r. Giving up costs power, never soundness.
+  The radius is the bound at that checkpoint's split alpha, never at the whole alpha.
 Randomness (the address tree in rng.py): batch b of phase p (rng.Smoothing) draws its noise and
 the base classifier's seed from derive_seed(phase, b, rng.Batch.NOISE / BASE), so a result
 depends on (seed, n0, n, batch, sampling), nothing else; the sequential draws up to a checkpoint
@@ -34,6 +35,7 @@ from .rng import Batch, Draws, Smoothing, derive_seed
 
 ABSTAIN = -1
 SAMPLINGS = ("fixed", "iss", "sequential")
+FUTILITY = 0.05  # sequential: the confidence with which a target radius is given up (power only)
 BaseClassifier = Callable[[torch.Tensor, int], torch.Tensor]  # (noisy batch, seed) -> labels
 
 
@@ -151,16 +153,20 @@ class Smooth:
 
     def _sequential(self, x, c_a: int, cap: int, alpha: float, batch: int, seed: int, radii, progress):
         """(draws, count of c_a, lower bound) at the first checkpoint where every target radius
-        is decided, or at the cap; every bound at alpha split over the checkpoints."""
+        is decided, or at the cap; every lower bound at alpha split over the checkpoints."""
         marks = checkpoints(cap, batch)
         alpha_k = checkpoint_alpha(alpha, len(marks))
+        z = float(norm.isf(alpha_k))
         thresholds = [float(norm.cdf(r / self.sigma)) for r in radii]
+        # what the share of c_a must be for the cap's bound to reach each threshold (normal approximation)
+        reach = [t + z * (t * (1 - t) / cap) ** 0.5 for t in thresholds]
         n_a, done = 0, 0
         for mark in marks:
             n_a += int(self.sample_counts(x, mark, batch, seed, progress, first=done)[c_a])
             done = mark
-            lower, upper = lower_confidence_bound(n_a, mark, alpha_k), upper_confidence_bound(n_a, mark, alpha_k)
-            if all(lower >= t or upper < t for t in thresholds):
+            lower = lower_confidence_bound(n_a, mark, alpha_k)
+            upper = upper_confidence_bound(n_a, mark, FUTILITY)
+            if all(lower >= t or upper < q for t, q in zip(thresholds, reach)):
                 break
         return done, n_a, lower
 
