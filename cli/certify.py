@@ -8,6 +8,7 @@ import click
 from click.core import ParameterSource
 
 from sdepure import distributed, experiments, runs
+from sdepure.plan import describe, plan
 from sdepure.config import load_config
 from sdepure.errors import SdepureError
 from sdepure.precision import PRECISIONS
@@ -45,11 +46,15 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--stop", type=int, help="Stop before this image index.")
 @click.option("--skip", type=int, help="Take every skip-th image.")
 @click.option("--shard", type=str, help="i/n: certify every n-th selected image, starting at the i-th (0-based).")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print what the run would cost (network calls, one forward pass, projected wall time) after "
+                   "certifying a few images to measure it; write nothing.")
 @click.option("--resume", type=click.Path(path_type=Path),
               help="Continue the run in this directory (its recorded settings; flags given must agree).")
 @common_options
 def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta, variance, precision, rng, full_vote,
-            sampling, radius_tol, radii, batch, start, stop, skip, shard, resume, seed, device, out, allow_pickle, model_weights, classifier_weights, data_root):
+            sampling, radius_tol, radii, batch, start, stop, skip, shard, plan_only, resume, seed, device, out,
+            allow_pickle, model_weights, classifier_weights, data_root):
     """Certify a purified classifier with randomized smoothing (Cohen et al.).
 
     Writes run.json at the start, certify.tsv (idx label predict radius correct time) row by row,
@@ -82,6 +87,11 @@ def certify(config_name, method, sigma, n0, n, alpha, votes, steps, solver, eta,
     cfg = apply_paths(cfg, model_weights, classifier_weights, data_root)
     settings = certify_from_config(cfg, overrides, base)
     dev = distributed.device_for(env, resolve_device(device))
+    if plan_only:
+        if resume is not None or out is not None:
+            raise SdepureError("--plan writes nothing; drop --resume and --out")
+        click.echo(describe(plan(cfg, settings, dev, processes=env.world_size, shard=part, allow_pickle=allow_pickle)))
+        return
     p = settings.purifier
     if resume is not None:
         out = resume

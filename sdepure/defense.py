@@ -150,6 +150,11 @@ class Defense(nn.Module):
             CALLS_PER_STEP.get(self.sampler.method, 1) * len(self.sampler.times(self.model.schedule, self.t_star)))
 
     @property
+    def calls_per_draw(self) -> int:
+        """Score-network calls one noise draw costs with the full vote (K runs)."""
+        return self._calls_per_row * self.votes
+
+    @property
     def resolved(self) -> dict:
         """What settings that depend on the model came to mean here (variance auto): recorded with
         a run, so that a resume under another meaning is refused."""
