@@ -73,8 +73,8 @@ def plan(cfg: dict, settings: Certify, device, processes: int = 1, shard=None, a
     calls = {"fixed": (n0 + n) * per_draw, "iss": [n0 * per_draw, (n0 + n) * per_draw],
              "sequential": [(n0 + first) * per_draw, (n0 + n) * per_draw]}
 
-    picks = [own[round(j * (len(own) - 1) / max(probe - 1, 1))] for j in range(min(probe, len(own)))]
-    picks = list(dict.fromkeys(picks))
+    count = min(probe, len(own))
+    picks = [own[round(j * (len(own) - 1) / max(count - 1, 1))] for j in range(count)]  # evenly spaced
     probe_settings = settings if n <= PROBE_DRAWS else dataclasses.replace(settings, n=PROBE_DRAWS)
     forward = forward_seconds(defense, take(c.x, [picks[0]])[0], settings.batch, device)
     smooth = Smooth(defense.predict, c.num_classes, settings.sigma, rng=defense.draws)

@@ -186,3 +186,21 @@ def test_bad_rng_refused(tiny, tmp_path, cli_error, command):
     extra = ["--autoattack"] if command == "attack" else []
     cli_error("unknown rng 'gpu'", command, *extra, "--config", str(tiny), "--rng", "gpu", "--out", str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mode", [[], ["--sampling", "sequential", "--radii", "0,0.25"]])
+def test_plan_prints_the_cost_and_writes_nothing(tiny, tmp_path, run_cli, monkeypatch, mode):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, stdout, err = run_cli("certify", "--config", str(tiny), "--plan", *mode)
+    assert code == 0, err
+    assert list(work.iterdir()) == []  # no run directory, nothing else
+    # tiny config: K = 3 runs of 4 euler steps per draw, n0 = 4, n = 12
+    assert "network calls per draw: 12 with the full vote" in stdout
+    assert "fixed 192;" in stdout and "projected wall time" in stdout and "probe: 3 images" in stdout
+
+
+def test_plan_refuses_out_and_resume(tiny, tmp_path, cli_error):
+    cli_error("--plan writes nothing", "certify", "--config", str(tiny), "--plan", "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
