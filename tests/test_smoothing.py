@@ -103,3 +103,30 @@ def test_smoothing_noise_streams():
         assert torch.equal(seen["x"][0], expected)
     with pytest.raises(SdepureError, match="rng"):
         Smooth(base, 4, 0.5, rng="tpu")
+
+
+def test_iss_sample_size_is_the_fewest_draws_within_the_tolerance():
+    """The chosen n certifies within tol of the cap's radius at p_hat, n - 1 does not; nothing is
+    drawn where even the cap abstains; a tighter tolerance never takes fewer draws."""
+    from sdepure.smoothing import iss_sample_size, lower_confidence_bound, radius_of
+
+    def radius(p, n):
+        return radius_of(lower_confidence_bound(p * n, n, 0.001), 0.5)
+    for p in (0.55, 0.7, 0.9, 0.99, 1.0):
+        n = iss_sample_size(p, 10000, 0.001, 0.5, 0.05)
+        full = radius(p, 10000)
+        assert 1 <= n <= 10000 and radius(p, n) is not None and full - radius(p, n) <= 0.05
+        if n > 1:
+            r = radius(p, n - 1)
+            assert r is None or full - r > 0.05
+        assert iss_sample_size(p, 10000, 0.001, 0.5, 0.01) >= n
+    assert iss_sample_size(0.5, 10000, 0.001, 0.5, 0.05) == 0 and iss_sample_size(0.3, 400, 0.001, 0.5, 0.05) == 0
+
+
+def test_sequential_checkpoints_double_from_one_batch_to_the_cap():
+    from sdepure.smoothing import checkpoints
+    assert checkpoints(400, 100) == [100, 200, 400]
+    assert checkpoints(1000, 100) == [100, 200, 400, 800, 1000]
+    assert checkpoints(100, 100) == [100]
+    with pytest.raises(SdepureError, match="first checkpoint"):
+        checkpoints(50, 100)
