@@ -8,7 +8,10 @@ at --radius-tol 0.05): ISS within 1 point of fixed N at every radius with >= 3x 
 N = 10,000; sequential within 1 point of fixed N at the cap at its target radii with >= 5x fewer.
 Prints one JSON object and a markdown table; with --out, writes both there.
 
-    python benchmarks/sampling.py [--skip 2 --caps 400,1000,10000 --batch 100 --jobs 2 --out DIR]
+    python benchmarks/sampling.py --out DIR [--skip 2 --cap-skip 10000=4 --caps 400,1000,10000 --batch 100 --jobs 2]
+
+Each finished run is kept in DIR/runs/ at once, and a second call with the same DIR skips it (a
+killed benchmark resumes where it was).
 """
 from __future__ import annotations
 
@@ -85,6 +88,7 @@ def oracle(args, cap: int, mode: dict) -> dict:
 def table(rows: list[dict]) -> str:
     head = ("| data | cap N | sampling | r = 0 | 0.25 | 0.5 | 0.75 | draws / image | fewer draws than fixed |\n"
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = [{**r, "data": f"{r['data']} ({r['images']} images)" if "images" in r else r["data"]} for r in rows]
     fixed = {(r["data"], r["cap"]): r["mean_draws"] for r in rows if r["mode"] == "fixed"}
     lines = [head]
     for r in rows:
@@ -97,6 +101,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip", type=int, default=2, help="every skip-th digits test image")
+    ap.add_argument("--cap-skip", default="", help="per-cap skip overrides, e.g. 10000=4")
     ap.add_argument("--caps", default="400,1000,10000")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--n0", type=int, default=32)
@@ -105,26 +110,32 @@ def main() -> None:
     ap.add_argument("--oracle-inputs", type=int, default=2000)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--no-digits", action="store_true")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, required=False)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child process: a JSON spec
     args = ap.parse_args()
     if args.one:
         print(json.dumps(digits_one(json.loads(args.one))))
         return
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=False)
+    if args.out is None:
+        ap.error("--out is required")
+    (args.out / "runs").mkdir(parents=True, exist_ok=True)
     caps = [int(c) for c in args.caps.split(",")]
+    cap_skip = {int(k): int(v) for k, v in (item.split("=") for item in args.cap_skip.split(",") if item)}
     rows = []
-    specs = [{"cap": cap, "name": name, "mode": mode, "skip": args.skip, "batch": args.batch}
+    specs = [{"cap": cap, "name": name, "mode": mode, "skip": cap_skip.get(cap, args.skip), "batch": args.batch}
              for cap in caps for name, mode in modes(args).items()]
 
     def child(spec: dict) -> dict:
+        done = args.out / "runs" / f"digits-{spec['cap']}-{spec['name']}-skip{spec['skip']}.json"
+        if done.exists():
+            return json.loads(done.read_text())
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = {"data": "digits", "skip": spec["skip"], **json.loads(proc.stdout.strip().splitlines()[-1])}
+        done.write_text(json.dumps(result) + "\n")
         print(f"digits cap {spec['cap']} {spec['name']}: {result['seconds']:.0f} s", file=sys.stderr)
-        return {"data": "digits", **result}
+        return result
 
     if not args.no_digits:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -142,9 +153,8 @@ def main() -> None:
               "rows": rows}
     print(json.dumps(result, indent=1))
     print(table(rows))
-    if args.out is not None:
-        (args.out / "sampling.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / "sampling.md").write_text(table(rows) + "\n")
+    (args.out / "sampling.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "sampling.md").write_text(table(rows) + "\n")
 
 
 if __name__ == "__main__":
