@@ -17,8 +17,10 @@ def test_certify_end_to_end_and_deterministic(tiny, tmp_path, run_cli):
         assert code == 0, err
         assert "radius" in stdout and "densepure" in stdout
         lines = (out / "certify.tsv").read_text().splitlines()
-        assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+        # Cohen's six columns first, then the draws (n0 + n for fixed N) and network calls
+        assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime\tdraws\tcalls"
         assert len(lines) == 4
+        assert all(line.split("\t")[6] == str(4 + 12) for line in lines[1:])
         summary = json.loads((out / "summary.json").read_text())
         assert summary["images"] == 3 and summary["settings"]["purifier"]["votes"] == 3
         assert (out / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
