@@ -58,7 +58,8 @@ def digits_one(spec: dict) -> dict:
     return {"cap": spec["cap"], "mode": spec["name"], "images": len(rows),
             "certified_accuracy": accuracy([r["radius"] for r in rows], [r["correct"] for r in rows]),
             "mean_draws": s["mean_draws_per_image"], "mean_network_calls": s["mean_network_calls_per_image"],
-            "seconds": time.time() - start}
+            "seconds": time.time() - start,
+            "per_image": [[r["idx"], r["radius"], bool(r["correct"]), r["draws"]] for r in rows]}
 
 
 def oracle(args, cap: int, mode: dict) -> dict:
