@@ -1,18 +1,22 @@
-"""Network calls saved by DensePure's early-stopped vote, with the certify rows it must leave unchanged.
+"""Wall time and network calls of DensePure's early-stopped vote against the full vote, with the
+certify rows it must leave unchanged.
 
-For each K, certifies the same digits test images twice (full vote, early-stopped vote) with the
-default settings (sigma 0.5, 10 Euler steps, N0=32, N=400, alpha=0.001, batch 250, seed 0) and
-counts score-network and classifier evaluations (rows fed to each network). Prints one JSON
-object, then a markdown table.
+For each torch thread count, N and K, certifies the same digits test images with the full vote and
+with the early-stopped vote (alternating, --repeats times each, the fastest kept) and counts the
+score network's rows and calls (one call per reverse step of a solve; the figures of the fastest
+run; the early stop's include the solves that measure its cost model, and its rounds follow that
+measurement, so they can differ between runs). Defaults: the issue-14
+setting (sigma 1.0, 10 Euler steps, N0 = 16, N = 100 and 400, alpha 0.001, batch 250, 20 images:
+every 18th of the first 360, seed 0). Each certify builds a new Defense, so the early stop's
+time includes measuring its cost model once. Prints one JSON object, then a markdown table.
 
-    python benchmarks/early_stop.py [--votes 10,40 --skip 4 --stop 359 --n0 32 --n 400 --repeats 1]
-
-Seconds are wall time in this process (min over --repeats alternating runs).
+    python benchmarks/early_stop.py [--votes 40,10 --n 100,400 --threads 1,2 --repeats 2 --skip 18 --stop 360]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -22,63 +26,76 @@ from sdepure import experiments
 from sdepure.config import load_config
 
 
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    add_certify_arguments(ap)
-    ap.add_argument("--votes", default="10,40")
+    ap = argparse.ArgumentParser(conflict_handler="resolve")
+    add_certify_arguments(ap, skip=18)
+    ap.set_defaults(sigma=1.0, n0=16, stop=360)
+    ap.add_argument("--n", type=ints, default=[100, 400], help="noise draws to estimate (comma-separated)")
+    ap.add_argument("--threads", type=ints, default=[1, 2], help="torch threads (comma-separated)")
+    ap.add_argument("--votes", type=ints, default=[40, 10])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--solver", default="euler")
-    ap.add_argument("--repeats", type=int, default=1, help="time each mode this often (alternating), keep the min")
+    ap.add_argument("--repeats", type=int, default=2, help="time each vote this often (alternating), keep the min")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
 
     cfg = load_config(args.config)
 
-    def settings(votes, early_stop):
-        return certify_settings(cfg, args, votes=votes, steps=args.steps, solver=args.solver, early_stop=early_stop)
-    components = experiments.load_components(cfg, settings(1, True).purifier, "cpu")
-    net_count, cls_count = Counter(components.model.net), Counter(components.classifier)
+    def settings(n, votes, early_stop):
+        return certify_settings(cfg, argparse.Namespace(**{**vars(args), "n": n}), votes=votes, steps=args.steps,
+                                solver=args.solver, early_stop=early_stop)
+    components = experiments.load_components(cfg, settings(args.n[0], 1, True).purifier, "cpu")
+    net_count = Counter(components.model.net)
     results = []
-    for votes in [int(v) for v in args.votes.split(",")]:
-        entry = {"votes": votes}
-        rows = {}
-        for repeat in range(args.repeats):  # alternate the two, keep the fastest of each
-            for early_stop in (False, True):
-                start = time.perf_counter()
-                summary = experiments.certify(cfg, settings(votes, early_stop), "cpu", components=components)
-                out, t_star = summary["rows"], summary["t_star"]
-                indices = [r["idx"] for r in out]
-                seconds = time.perf_counter() - start
-                (net_rows, net_calls), (cls_rows, _) = net_count.take(), cls_count.take()
-                key = "early" if early_stop else "full"
-                if repeat:
-                    entry[key]["seconds"] = min(entry[key]["seconds"], seconds)
-                    entry[key]["seconds_per_image"] = entry[key]["seconds"] / len(indices)
-                    continue
-                rows[early_stop] = out
-                draws = len(indices) * (args.n0 + args.n)
-                entry[key] = {"network_rows": net_rows, "network_calls": net_calls, "classifier_rows": cls_rows,
-                              "runs_per_draw": cls_rows / draws, "seconds": seconds,
-                              "seconds_per_image": seconds / len(indices)}
-        strip = [[{k: v for k, v in r.items() if k != "time"} for r in rows[e]] for e in (False, True)]
-        entry["differing_rows"] = [a["idx"] for a, b in zip(*strip) if a != b]
-        entry["tsv_identical"] = strip[0] == strip[1]
-        entry["network_call_saving"] = entry["full"]["network_rows"] / entry["early"]["network_rows"]
-        entry["time_saving"] = entry["full"]["seconds"] / entry["early"]["seconds"]
-        entry["certified_accuracy_r0"] = sum(r["correct"] for r in rows[True]) / len(indices)
-        results.append(entry)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for n in args.n:
+            for votes in args.votes:
+                entry = {"threads": threads, "n": n, "votes": votes, "load_before": os.getloadavg()[0]}
+                rows = {}
+                for repeat in range(args.repeats):  # alternate the two, keep the fastest of each
+                    for key in ("full", "early"):
+                        start = time.perf_counter()
+                        summary = experiments.certify(cfg, settings(n, votes, key == "early"), "cpu",
+                                                      components=components)
+                        seconds = time.perf_counter() - start
+                        net_rows, net_calls = net_count.take()
+                        out = [{k: v for k, v in r.items() if k not in ("time", "calls")} for r in summary["rows"]]
+                        if repeat:  # the early stop's rounds follow its measured cost model: rows may differ
+                            assert out == rows[key]
+                            e = entry[key]
+                            e["seconds_all"].append(round(seconds, 2))
+                            e["rows_all"].append(net_rows)
+                            e["calls_all"].append(net_calls)
+                            if seconds < e["seconds"]:
+                                e.update(seconds=seconds, network_rows=net_rows, network_calls=net_calls)
+                            continue
+                        rows[key] = out
+                        entry[key] = {"network_rows": net_rows, "network_calls": net_calls, "seconds": seconds,
+                                      "seconds_all": [round(seconds, 2)], "rows_all": [net_rows],
+                                      "calls_all": [net_calls]}
+                entry["load_after"] = os.getloadavg()[0]
+                entry["images"] = len(rows["full"])
+                entry["differing_rows"] = [a["idx"] for a, b in zip(rows["full"], rows["early"]) if a != b]
+                entry["tsv_identical"] = rows["full"] == rows["early"]
+                entry["network_row_saving"] = entry["full"]["network_rows"] / entry["early"]["network_rows"]
+                entry["wall_gain"] = entry["full"]["seconds"] / entry["early"]["seconds"]
+                results.append(entry)
+                print(json.dumps(entry), flush=True)
 
-    print(json.dumps({"benchmark": "early_stop", "images": len(indices), "settings": vars(args),
-                      "t_star": t_star, "torch_threads": torch.get_num_threads(), "results": results}, indent=1))
+    print(json.dumps({"benchmark": "early_stop", "settings": vars(args), "results": results}, indent=1))
     print()
-    print("| K | network rows, full vote | early stop | fewer network calls | runs per draw | "
-          "s / image full | early | certify.tsv identical |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| threads | N | K | network rows, full | early | fewer rows | network calls, full | early | "
+          "s full | s early | wall gain | certify.tsv identical |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for e in results:
-        print(f"| {e['votes']} | {e['full']['network_rows']:,} | {e['early']['network_rows']:,} | "
-              f"{e['network_call_saving']:.2f}x | {e['early']['runs_per_draw']:.2f} of {e['votes']} | "
-              f"{e['full']['seconds_per_image']:.2f} | {e['early']['seconds_per_image']:.2f} | "
-              f"{'yes' if e['tsv_identical'] else 'NO: ' + str(e['differing_rows'])} |")
+        print(f"| {e['threads']} | {e['n']} | {e['votes']} | {e['full']['network_rows']:,} | "
+              f"{e['early']['network_rows']:,} | {e['network_row_saving']:.2f}x | {e['full']['network_calls']:,} | "
+              f"{e['early']['network_calls']:,} | {e['full']['seconds']:.1f} | {e['early']['seconds']:.1f} | "
+              f"{e['wall_gain']:.2f}x | {'yes' if e['tsv_identical'] else 'NO: ' + str(e['differing_rows'])} |")
 
 
 if __name__ == "__main__":

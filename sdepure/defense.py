@@ -25,6 +25,7 @@ Vote: the most frequent label wins; among tied labels, the lowest class index.
 """
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import torch
@@ -76,11 +77,12 @@ def majority_vote(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts.argmax(1)  # argmax returns the first maximal index
 
 
-def vote_decided(counts: torch.Tensor, remaining: int) -> torch.Tensor:
-    """(B, classes) vote counts with `remaining` votes still to come -> (B,) bool: True where
-    majority_vote's winner can no longer change. The hardest case for the leader is every
-    remaining vote going to one challenger c; c would win with more votes, or as many and a
-    lower class index (the tie rule)."""
+def vote_decided(counts: torch.Tensor, remaining) -> torch.Tensor:
+    """(B, classes) vote counts with `remaining` votes still to come (an int, or one per vote) ->
+    (B,) bool: True where majority_vote's winner can no longer change. The hardest case for the
+    leader is every remaining vote going to one challenger c; c would win with more votes, or as
+    many and a lower class index (the tie rule)."""
+    remaining = torch.as_tensor(remaining).reshape(-1, 1)
     lead = counts.argmax(1, keepdim=True)
     lead_count = counts.gather(1, lead)
     classes = torch.arange(counts.shape[1], device=counts.device)[None]
@@ -90,10 +92,11 @@ def vote_decided(counts: torch.Tensor, remaining: int) -> torch.Tensor:
     return ~overtakes.any(1)
 
 
-def votes_to_decide(counts: torch.Tensor, remaining: int) -> torch.Tensor:
+def votes_to_decide(counts: torch.Tensor, remaining) -> torch.Tensor:
     """(B,) the fewest further votes after which each vote could be decided: all of them going to
-    the current leader. No vote is decided sooner, so evaluating this many before looking again
-    costs no network call a one-at-a-time vote would not make."""
+    the current leader (`remaining` as in vote_decided). No vote is decided sooner, so evaluating
+    this many before looking again costs no network call a one-at-a-time vote would not make."""
+    remaining = torch.as_tensor(remaining).reshape(-1, 1)
     lead = counts.argmax(1, keepdim=True)
     lead_count = counts.gather(1, lead)
     classes = torch.arange(counts.shape[1], device=counts.device)[None]
@@ -102,7 +105,38 @@ def votes_to_decide(counts: torch.Tensor, remaining: int) -> torch.Tensor:
     gap = counts + remaining - lead_count
     need = torch.where(classes > lead, (gap + 1) // 2, gap // 2 + 1)
     need = torch.where(classes == lead, torch.zeros_like(need), need)
-    return need.max(1).values.clamp(1, max(remaining, 1))
+    return torch.minimum(need.max(1).values.clamp_min(1), remaining[:, 0].clamp_min(1))
+
+
+class VoteCost(NamedTuple):
+    """Seconds of one solve of `rows` rows: per_solve + per_row x rows."""
+    per_solve: float
+    per_row: float
+
+
+def early_vote(labels_of, batch: int, votes: int, num_classes: int, cost: VoteCost):
+    """The early-stopped vote in rounds, one solve each. labels_of(inputs, runs) -> (len,) the
+    labels of run runs[j] of input inputs[j]. In each round every undecided input evaluates either
+    its votes_to_decide next runs (none that a one-at-a-time vote would skip) or all its remaining
+    runs: the former only while the rows it could skip, were every input decided by it, cost more
+    than the further solve it entails (per_row x rows > per_solve). Returns (counts (batch,
+    classes), rows evaluated, solves)."""
+    counts = torch.zeros(batch, num_classes, dtype=torch.long)
+    done = torch.zeros(batch, dtype=torch.long)
+    active, rows, solves = torch.arange(batch), 0, 0
+    while len(active):
+        left = votes - done[active]
+        take = votes_to_decide(counts[active], left)
+        if cost.per_row * float((left - take).sum()) <= cost.per_solve:
+            take = left
+        inputs = active.repeat_interleave(take)
+        first = (take.cumsum(0) - take).repeat_interleave(take)
+        runs = done[inputs] + torch.arange(len(inputs)) - first
+        counts.index_put_((inputs, labels_of(inputs, runs).cpu()), torch.ones_like(inputs), accumulate=True)
+        done[active] += take
+        rows, solves = rows + len(inputs), solves + 1
+        active = active[~vote_decided(counts[active], votes - done[active])]
+    return counts, rows, solves
 
 
 class Outputs(NamedTuple):
@@ -142,6 +176,7 @@ class Defense(nn.Module):
                                        settings.adjoint_method)
             self.model = with_precision(precision.prepare(model), settings.precision)
         self.graph_budget = EXACT_GRAPH_BUDGET
+        self.vote_cost: VoteCost | None = None  # the early-stopped vote's cost model; None: measure it
         self._call_bytes_per_row: float | None = None  # measured once, on the first exact solve
         # score-network calls (rows fed to the network) so far: what a certificate costs
         # (ode-dopri5 adapts its steps and is counted as one call per step)
@@ -220,30 +255,53 @@ class Defense(nn.Module):
         purified = self.purify(_rows(x_noisy, len(runs)), streams.runs(runs, self.votes))
         return self.classify(purified).reshape(len(runs), x_noisy.shape[0], -1)
 
+    def pair_labels(self, x_noisy: torch.Tensor, streams: Streams, inputs: torch.Tensor,
+                    runs: torch.Tensor) -> torch.Tensor:
+        """(len(inputs),) the labels of run runs[j] of row inputs[j] of x_noisy, in one solve. Each
+        pair draws from the address run_logits gives it, whatever else is evaluated with it."""
+        by_run = [streams.take(inputs[runs == k].tolist()).runs([k], self.votes) for k in runs.unique().tolist()]
+        paths = Streams(sum((p.seed for p in by_run), ()), sum((p.row for p in by_run), ()), streams.width)
+        order = torch.argsort(runs, stable=True)  # the pairs in by_run's order
+        labels = self.classify(self.purify(x_noisy[inputs[order].to(x_noisy.device)], paths)).argmax(-1)
+        return torch.empty_like(labels).index_copy_(0, order.to(labels.device), labels)
+
+    def _timed_full_vote(self, x_noisy: torch.Tensor, streams: Streams) -> torch.Tensor:
+        """(K, B) the labels of all runs in one solve, and the cost model measured on it: a solve of
+        one row (after one to warm up) gives per_solve + per_row; this solve gives the rest. The
+        only place a GPU is synchronised to read a clock."""
+        def seconds(x, s, runs):
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
+            labels = self.run_logits(x, s, runs).argmax(-1).cpu()  # on the host: the solve has ended
+            return labels, time.perf_counter() - start
+
+        one = min(seconds(x_noisy[:1], streams.take([0]), [0])[1] for _ in range(2))
+        labels, full = seconds(x_noisy, streams, range(self.votes))
+        per_row = max(full - one, 0.0) / max(labels.numel() - 1, 1)
+        self.vote_cost = VoteCost(max(one - per_row, 0.0), per_row)
+        return labels
+
     @torch.no_grad()
     def predict(self, x_noisy: torch.Tensor, address) -> torch.Tensor:
         """(B,) labels: the vote over the K runs of each noisy input. `address`: an int seed (one
-        block of the batch) or Streams. With settings.early_stop the runs are evaluated in chunks
-        and an input's vote stops as soon as its winner can no longer change (vote_decided);
-        chunks are sized by votes_to_decide, so no run is evaluated that a one-run-at-a-time vote
-        would skip, and a deterministic purifier votes with one run. The labels are the full
-        vote's."""
+        block of the batch) or Streams. With settings.early_stop an input's vote stops as soon as
+        its winner can no longer change (early_vote), in rounds chosen from the cost model
+        `vote_cost`, measured on the first vote (which evaluates all runs at once) unless set; a
+        deterministic purifier votes with one run. The labels are the full vote's whatever the
+        rounds: run k of an input always has the same noise. The rounds, and so the network calls,
+        follow the measured costs and can differ between machines and runs."""
         streams = Streams.batch(address, x_noisy.shape[0]) if isinstance(address, int) else address
         if self.votes == 1 or not self.settings.early_stop:
             logits = self.run_logits(x_noisy, streams, range(self.votes))
             return majority_vote(logits.argmax(-1).T, self.num_classes)
         if self.deterministic:  # K equal labels: their vote is the label
             return self.run_logits(x_noisy, streams, [0])[0].argmax(-1)
-        counts = torch.zeros(x_noisy.shape[0], self.num_classes, dtype=torch.long)
-        active, done = torch.arange(x_noisy.shape[0]), 0
-        while len(active):
-            chunk = int(votes_to_decide(counts[active], self.votes - done).min())
-            rows = active.tolist()
-            xs = x_noisy if len(rows) == x_noisy.shape[0] else x_noisy[active.to(x_noisy.device)]
-            labels = self.run_logits(xs, streams.take(rows), range(done, done + chunk)).argmax(-1).cpu()
-            counts[active] += nn.functional.one_hot(labels, self.num_classes).sum(0)
-            done += chunk
-            active = active[~vote_decided(counts[active], self.votes - done)]
+        if self.vote_cost is None:
+            labels = self._timed_full_vote(x_noisy, streams)
+            return majority_vote(labels.T, self.num_classes).to(x_noisy.device)
+        counts, _, _ = early_vote(lambda i, k: self.pair_labels(x_noisy, streams, i, k),
+                                  x_noisy.shape[0], self.votes, self.num_classes, self.vote_cost)
         return counts.argmax(1).to(x_noisy.device)
 
     # -- attacks: one draw of the defense on clean inputs ------------------------------------

@@ -1,4 +1,5 @@
-"""DensePure's early-stopped vote: exact (the full vote's labels) and cheaper (counted network calls)."""
+"""DensePure's early-stopped vote: exact (the full vote's labels), cheaper (counted network calls), in
+rounds chosen by its cost model."""
 import itertools
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from sdepure import defense as purify
 from sdepure.brownian import GridBrownian, Streams
-from sdepure.defense import Defense
+from sdepure.defense import Defense, VoteCost, early_vote
 from sdepure.settings import Purifier
 from sdepure.models.gmm import GaussianMixture, GaussianMixtureModel
 from sdepure.rng import derive_seed
@@ -78,13 +79,56 @@ def _first_decided(labels, classes):
     return torch.tensor(out)
 
 
+def test_per_vote_remaining_matches_the_scalar_form():
+    """vote_decided and votes_to_decide with one remaining count per vote (early_vote's rounds)."""
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.randint(0, 6, (200, 4), generator=gen)
+    remaining = torch.randint(0, 9, (200,), generator=gen)
+    for fn in (purify.vote_decided, purify.votes_to_decide):
+        each = torch.stack([fn(counts[b:b + 1], int(remaining[b]))[0] for b in range(200)])
+        assert torch.equal(fn(counts, remaining), each)
+
+
+@pytest.mark.parametrize("votes", [5, 10, 40])
+def test_early_vote_rounds_against_a_one_at_a_time_vote(votes):
+    """On given run labels, for any cost model: the full vote's winners, every pair evaluated at
+    most once, no more rows than the full vote. Free solves: exactly a one-at-a-time vote's rows;
+    free rows: one solve of everything; costly solves: fewer rounds than free ones."""
+    classes, batch = 4, 300
+    gen = torch.Generator().manual_seed(votes)
+    bias = torch.rand(batch, classes, generator=gen) ** 4  # from clear-cut votes to near ties
+    labels = torch.multinomial(bias / bias.sum(1, keepdim=True), votes, replacement=True, generator=gen)
+    winners = purify.majority_vote(labels, classes)
+    one_at_a_time = int(_first_decided(labels, classes).sum())
+    solves_at = {}
+    for cost in [VoteCost(0.0, 1.0), VoteCost(1.0, 0.0), VoteCost(30.0, 1.0), VoteCost(1e-3, 1e-4)]:
+        seen = set()
+
+        def labels_of(inputs, runs):
+            pairs = set(zip(inputs.tolist(), runs.tolist()))
+            assert len(pairs) == len(inputs) and not seen & pairs
+            seen.update(pairs)
+            return labels[inputs, runs]
+
+        counts, rows, solves = early_vote(labels_of, batch, votes, classes, cost)
+        solves_at[cost] = solves
+        assert torch.equal(counts.argmax(1), winners) and rows == len(seen)
+        assert one_at_a_time <= rows <= batch * votes
+        if cost.per_solve == 0:
+            assert rows == one_at_a_time
+        if cost.per_row == 0:
+            assert solves == 1 and rows == batch * votes
+    assert solves_at[VoteCost(30.0, 1.0)] <= solves_at[VoteCost(0.0, 1.0)]
+    if votes == 40:
+        assert solves_at[VoteCost(30.0, 1.0)] < solves_at[VoteCost(0.0, 1.0)], solves_at
+
+
 @pytest.mark.parametrize("solver,votes", [("euler", 10), ("ddpm", 9), ("euler", 40)])
 def test_early_stop_gives_the_full_vote_with_fewer_network_calls(solver, votes):
     steps, sigma, classes = 4, 0.2, 3
     model = CountingModel(GaussianMixture(MEANS, [0.08] * 3, weights=[0.4, 0.35, 0.25]), LinearVP())
     settings = Purifier("densepure", sigma=sigma, votes=votes, steps=steps, solver=solver)
     full = Defense(Purifier(**{**settings.to_dict(), "early_stop": False}), model, NearestMean(MEANS), classes)
-    early = Defense(settings, model, NearestMean(MEANS), classes)
     gen = torch.Generator().manual_seed(0)
     # noisy inputs around the three means (on [0, 1]): mostly clear-cut votes, some ambiguous
     centers = (torch.tensor(MEANS, dtype=torch.float64) + 1) / 2
@@ -92,17 +136,27 @@ def test_early_stop_gives_the_full_vote_with_fewer_network_calls(solver, votes):
     model.rows = 0
     labels_full = full.predict(x, 3)
     rows_full = model.rows
-    model.rows = 0
-    labels_early = early.predict(x, 3)
-    rows_early = model.rows
-    assert torch.equal(labels_full, labels_early)
     assert rows_full == steps * votes * len(x)
-    # exactly the network calls of a one-at-a-time vote: each input stops at the first run after
-    # which its winner is fixed (computed from the full vote's own run labels)
     run_labels = full.run_logits(x, Streams.batch(3, len(x)), range(votes)).argmax(-1).T
     assert torch.equal(purify.majority_vote(run_labels, classes), labels_full)
-    assert rows_early == steps * int(_first_decided(run_labels, classes).sum())
-    assert rows_early < rows_full * (0.7 if votes == 40 else 0.85), rows_early / rows_full
+    # the first vote evaluates all runs at once and measures the cost model (with two one-row solves)
+    early = Defense(settings, model, NearestMean(MEANS), classes)
+    model.rows = 0
+    assert torch.equal(early.predict(x, 3), labels_full) and model.rows == rows_full + 2 * steps
+    assert early.vote_cost.per_solve >= 0 and early.vote_cost.per_row >= 0
+    model.rows = 0
+    assert torch.equal(early.predict(x, 3), labels_full) and model.rows <= rows_full
+    # free solves: exactly the network calls of a one-at-a-time vote, each input stopping at the
+    # first run after which its winner is fixed (from the full vote's own run labels)
+    early.vote_cost = VoteCost(0.0, 1.0)
+    model.rows = 0
+    assert torch.equal(early.predict(x, 3), labels_full)
+    assert model.rows == steps * int(_first_decided(run_labels, classes).sum())
+    assert model.rows < rows_full * (0.7 if votes == 40 else 0.85), model.rows / rows_full
+    # solves far dearer than rows: one solve of every run, as the full vote
+    early.vote_cost = VoteCost(100.0, 1e-3)
+    model.rows = 0
+    assert torch.equal(early.predict(x, 3), labels_full) and model.rows == rows_full
 
 
 def test_run_k_gets_the_same_noise_whatever_is_evaluated():
