@@ -2,8 +2,10 @@
 accuracy at r = 0, 0.25, 0.5, 0.75 against network calls per image and wall time, for Carlini,
 DiffPure and DensePure over solvers, K, b and sampling (a grid of 16 settings, not the product).
 Each setting is one `experiments.certify` run in a fresh process, one at a time (torch's default
-threads, as `sdepure certify` runs). Writes frontier.json, frontier.md and frontier.png (accuracy
-at --radius against network calls per image, the Pareto front joined) under --out.
+threads, as `sdepure certify` runs), kept in DIR/runs/ as it finishes (a second call with the same
+DIR skips it). Writes frontier.json, frontier.md and frontier.png (accuracy at --radius against
+network calls per image and against wall seconds per image, each with its Pareto front joined)
+under --out.
 
     python benchmarks/frontier.py --out DIR [--skip 2 --n0 32 --n 400 --radius 0.25]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -71,21 +74,24 @@ def plot(rows: list[dict], radius: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     key = f"{radius:g}"
-    pts = [(max(r["network_calls_per_image"], 1.0), r["certified_accuracy"][key]) for r in rows]
-    front = pareto(pts)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r, (x, y) in zip(rows, pts):
-        color = {"carlini": "tab:green", "diffpure": "tab:orange"}.get(r["label"].split()[0].rstrip(","), "tab:blue")
-        ax.scatter(x, y, color=color, marker="s" if "iss" in r["label"] else "o", zorder=3)
-        ax.annotate(r["label"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    fx, fy = zip(*sorted(pts[i] for i in front))
-    ax.step(fx, fy, where="post", color="black", linewidth=0.8, zorder=2, label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_xlabel("score-network calls per image (log)")
-    ax.set_ylabel(f"certified accuracy at r = {radius:g}")
-    ax.set_title("digits, sigma 0.5: carlini (green), diffpure (orange), densepure (blue); squares: iss")
-    ax.title.set_fontsize(8)
-    ax.legend(fontsize=7, loc="lower right")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120, sharey=True)
+    costs = [("score-network calls per image (log)", lambda r: max(r["network_calls_per_image"], 1.0)),
+             ("wall seconds per image, 2 CPU cores (log)", lambda r: r["wall_seconds"] / r["images"])]
+    for ax, (xlabel, cost) in zip(axes, costs):
+        pts = [(cost(r), r["certified_accuracy"][key]) for r in rows]
+        for r, (x, y) in zip(rows, pts):
+            color = {"carlini": "tab:green", "diffpure": "tab:orange"}.get(r["label"].split()[0].rstrip(","),
+                                                                           "tab:blue")
+            ax.scatter(x, y, color=color, marker="s" if "iss" in r["label"] else "o", zorder=3)
+            ax.annotate(r["label"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        fx, fy = zip(*sorted(pts[i] for i in pareto(pts)))
+        ax.step(fx, fy, where="post", color="black", linewidth=0.8, zorder=2, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel(f"certified accuracy at r = {radius:g}")
+    fig.suptitle("digits, sigma 0.5: carlini (green), diffpure (orange), densepure (blue); squares: iss",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -116,17 +122,22 @@ def main() -> None:
         return
     if args.out is None:
         ap.error("--out is required")
-    args.out.mkdir(parents=True, exist_ok=False)
+    (args.out / "runs").mkdir(parents=True, exist_ok=True)
     grid = [g for g in GRID if args.only is None or g[0] in args.only.split(";")]
     rows = []
     for label, over in grid:
         spec = {"skip": args.skip, "n0": args.n0, "n": args.n, "over": over}
+        done = args.out / "runs" / (re.sub(r"[^A-Za-z0-9=.-]+", "_", label) + f"-skip{args.skip}-n{args.n}.json")
+        if done.exists():
+            rows.append(json.loads(done.read_text()))
+            continue
         start = time.time()
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{label}: {proc.stderr[-2000:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append({"label": label, "settings": over, **result, "process_seconds": time.time() - start})
+        done.write_text(json.dumps(rows[-1]) + "\n")
         print(f"{label}: {rows[-1]['process_seconds']:.0f} s", file=sys.stderr)
     result = {"benchmark": "frontier", "skip": args.skip, "n0": args.n0, "n": args.n, "rows": rows,
               "pareto_at_radius": {"radius": args.radius, "labels": [rows[i]["label"] for i in pareto(
