@@ -71,7 +71,7 @@ from sdepure.classifiers import build_classifier
 from sdepure.classifiers.digits import DigitsCNN
 from sdepure.config import load_config
 from sdepure.data import load_digits
-from sdepure.defense import Defense
+from sdepure.defense import Defense, VoteCost
 from sdepure.models import build_score_model
 from sdepure.models.adm import ADMUNet, adm_config, adm_eps_model
 from sdepure.models.base import EpsNetModel
@@ -490,6 +490,7 @@ def check_early_stop_vote(ctx: Ctx) -> dict:
     for key, device, early in (("early", ctx.device, True), ("full", ctx.device, False), ("early_cpu", ctx.cpu, True)):
         d = Defense(Purifier("densepure", sigma=0.5, votes=9, steps=4, solver="ddpm", rng="cpu", early_stop=early),
                     on(model, device), on(classifier, device), 10)
+        d.vote_cost = VoteCost(0.0, 1.0)  # rounds as a one-at-a-time vote's, whatever this machine's costs
         counter = RowCounter(d.classifier)
         with torch.no_grad():
             labels[key] = d.predict(noisy.to(device), 11).cpu()
