@@ -157,6 +157,10 @@ def eot_gradient(loss_rows: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     return total / draws, grad / draws
 
 
+# pyautoattack's attacks per version, in the order it runs them (checked at every run)
+AUTOATTACK_ORDER = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"], "rand": ["apgd-ce", "apgd-dlr"]}
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, version: str,
                seed: int, batch: int, device, n_iter: int | None = None,
                eot_iter: int | None = None) -> tuple[torch.Tensor, dict]:
@@ -175,6 +179,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n
         if eot_iter is not None:
             apgd.eot_iter = eot_iter
     order = list(aa.attacks_to_run)
+    if order != AUTOATTACK_ORDER.get(version):
+        raise SdepureError(f"pyautoattack runs {order} for version {version}; sdepure expects "
+                           f"{AUTOATTACK_ORDER.get(version)}: update AUTOATTACK_ORDER")
     with torch.no_grad():
         clean = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]) == y
     robust = clean.clone()

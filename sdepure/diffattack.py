@@ -53,6 +53,26 @@ def check_diffattack(target) -> None:
     settings.check_diffattack(target.defense.settings)
 
 
+def _distances(x: torch.Tensor, anchors: torch.Tensor, norm: str) -> torch.Tensor:
+    diff = x.reshape(x.shape[0], 1, -1) - anchors.reshape(1, anchors.shape[0], -1).to(x.device)
+    return diff.abs().amax(-1) if norm == "Linf" else diff.norm(dim=-1)
+
+
+def check_disjoint_balls(anchors: torch.Tensor, ids, eps: float, norm: str) -> None:
+    """FixedRandomness tells examples apart by their eps-balls: refuse examples 2 eps or closer."""
+    ids = [int(i) for i in ids]
+    if len(ids) < 2:
+        return
+    d = _distances(anchors, anchors, norm)
+    d.fill_diagonal_(float("inf"))
+    gap = float(d.min())
+    if not gap > 2 * eps:
+        i, j = divmod(int(d.argmin()), len(ids))
+        raise SdepureError(f"--fixed-randomness tells examples apart by their eps-balls, but examples "
+                           f"{ids[i]} and {ids[j]} are {gap:.4g} apart ({norm}), not more "
+                           f"than 2 eps = {2 * eps:.4g}; attack them in separate runs")
+
+
 class FixedRandomness(nn.Module):
     """The deterministic white-box defense (Liu et al., ICLR 2025): example i always gets the
     draws addressed by derive_seed(seed, i) (its forward noise and Brownian paths, see
@@ -73,23 +93,14 @@ class FixedRandomness(nn.Module):
         self.anchors = anchors.detach()
         self.ids = [int(i) for i in ids]
         self.seeds = [derive_seed(seed, i) for i in self.ids]
-        if len(self.ids) > 1:
-            d = self._distances(self.anchors)
-            d.fill_diagonal_(float("inf"))
-            gap = float(d.min())
-            if not gap > 2 * self.eps:
-                i, j = divmod(int(d.argmin()), len(self.ids))
-                raise SdepureError(f"--fixed-randomness tells examples apart by their eps-balls, but examples "
-                                   f"{self.ids[i]} and {self.ids[j]} are {gap:.4g} apart ({self.norm}), not more "
-                                   f"than 2 eps = {2 * self.eps:.4g}; attack them in separate runs")
+        check_disjoint_balls(self.anchors, self.ids, self.eps, self.norm)
 
     @property
     def num_classes(self) -> int:
         return self.defense.num_classes
 
     def _distances(self, x: torch.Tensor) -> torch.Tensor:
-        diff = x.reshape(x.shape[0], 1, -1) - self.anchors.reshape(1, self.anchors.shape[0], -1).to(x.device)
-        return diff.abs().amax(-1) if self.norm == "Linf" else diff.norm(dim=-1)
+        return _distances(x, self.anchors, self.norm)
 
     def streams(self, x: torch.Tensor) -> Streams:
         """Each query's address: its example's own seed (a block of width 1)."""

@@ -317,12 +317,7 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
     idx = list(range(s.start, min(s.start + s.n_examples, len(c.y))))
     if not idx:
         raise SdepureError(f"no examples selected: start={s.start} of {len(c.y)}")
-    x, y = take(c.x, idx).to(device), c.y[idx].to(device)
     defense = Defense(p, c.model, c.classifier, c.num_classes)
-    target = attacks.AttackedModel(defense, derive_seed(s.seed, AttackPhase.CALLS))
-    fixed = (diffattack.FixedRandomness(defense, x, idx, derive_seed(s.seed, AttackPhase.FIXED), s.eps, s.norm)
-             if s.fixed_randomness else None)
-    model = fixed if fixed is not None else target  # what the attack queries
     what = ATTACK_NAMES[s.kind].format(version=s.version)
     echo(f"sdepure attack: {what} {s.norm} eps={s.eps:.4g} on {p.method} ({cfg['name']}, {len(idx)} examples "
          f"from {s.start}), t*={p.t_star}, {p.steps} {p.solver} steps, grad={p.grad}"
@@ -335,78 +330,132 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
              f"deviated-reconstruction weight {s.dev_weight:g}")
     elif s.kind != "autoattack":
         echo(f"  {s.pgd_steps} steps of {s.step_size:.4g}, {s.eot} EOT draws ({s.eot_batch} per pass)")
+    batches = [idx[b * s.batch:(b + 1) * s.batch] for b in range(-(-len(idx) // s.batch))]
+    if s.fixed_randomness:  # each batch's disjoint-ball check, before anything is written
+        for ib in batches:
+            diffattack.check_disjoint_balls(take(c.x, ib), ib, s.eps, s.norm)
     if out is not None:
         out = Path(out)
         report.make_out(out)
+        report.write_example_rows(out / report.EXAMPLES_FILE, [], s.fixed_randomness)
 
-    t_attack = time.time()
-    if s.kind == "autoattack":
-        x_adv, info = attacks.autoattack(model, x, y, s.eps, s.norm, s.version, s.seed, s.batch, device,
-                                         n_iter=s.pgd_steps, eot_iter=s.eot)
-        clean_flags, robust_flags = info["clean_flags"], info["robust_flags"]
-        broken_by, breakdown = info["broken_by"], info["accuracy_after"]
-    else:
-        with torch.no_grad():
-            target.reset(derive_seed(s.seed, AttackPhase.CLEAN_FLAGS))
-            clean_flags = [bool(v) for v in _batched(lambda b: model(b).argmax(1), x, s.batch).eq(y).tolist()]
-        target.reset(derive_seed(s.seed, AttackPhase.CALLS))
-        chunks = []
-        for i in range(0, len(x), s.batch):
-            xb, yb = x[i:i + s.batch], y[i:i + s.batch]
-            batch_seed = derive_seed(s.seed, AttackPhase.OPTIMISE, i)
-            if s.kind == "diffattack":
-                xa, _ = diffattack.diffattack(model, xb, yb, s.eps, s.norm, s.pgd_steps, s.eot, s.eot_batch,
-                                              s.dev_weight, seed=batch_seed, progress=progress)
-            else:
-                xa = attacks.pgd_eot(model, xb, yb, s.eps, s.norm, s.pgd_steps, s.step_size, s.eot,
-                                     batch_seed, progress=progress, eot_batch=s.eot_batch)
-            chunks.append(xa)
-        x_adv = torch.cat(chunks)
-        target.reset(derive_seed(s.seed, AttackPhase.ROBUST_FLAGS))
-        with torch.no_grad():
-            robust_flags = [bool(v) for v in _batched(lambda b: model(b).argmax(1), x_adv, s.batch).eq(y).tolist()]
-        broken_by = [s.kind if (cl and not r) else None for cl, r in zip(clean_flags, robust_flags)]
-        breakdown = {"clean": sum(clean_flags) / len(idx), s.kind: sum(robust_flags) / len(idx)}
-    attack_seconds = time.time() - t_attack
-
-    clean_score = attacks.score_defense(target, x, y, s.score_draws, derive_seed(s.seed, AttackPhase.SCORE_CLEAN),
-                                        s.batch)
-    adv_score = attacks.score_defense(target, x_adv, y, s.score_draws, derive_seed(s.seed, AttackPhase.SCORE_ADV),
-                                      s.batch)
-    scores = {"fresh": (clean_score, adv_score)}
-    if fixed is not None:  # one draw: single = majority = any-of-N
-        scores["fixed"] = tuple(attacks.score_defense(fixed, z, y, 1, 0, s.batch) for z in (x, x_adv))
-    peak = peak_memory_mb(device)
-    summary = {
-        "command": "attack", "attack": s.kind, "config": cfg["name"], "settings": s.to_dict(),
-        "device": str(device), "examples": len(idx), "resolved": defense.resolved,
-        "clean_accuracy": sum(clean_flags) / len(idx), "robust_accuracy": sum(robust_flags) / len(idx),
-        "accuracy_after_each_attack": breakdown,
-        "broken_by_counts": {a: broken_by.count(a) for a in sorted({b for b in broken_by if b})},
-        "scored_over_draws": {"clean": {k: v for k, v in clean_score.items() if k != "per_example"},
-                              "adversarial": {k: v for k, v in adv_score.items() if k != "per_example"}},
-        "table": attack_table(what, scores, attack_seconds, peak),
-        "max_perturbation": {"Linf": float((x_adv - x).abs().flatten(1).max(1).values.max()),
-                             "L2": float((x_adv - x).flatten(1).norm(dim=1).max())},
-        "attack_seconds": attack_seconds, "peak_memory_mb": peak,
-    }
-    if fixed is not None:
-        summary["scored_fixed_randomness"] = {k: {m: v for m, v in sc.items() if m != "per_example"}
-                                              for k, sc in zip(("clean", "adversarial"), scores["fixed"])}
-    if out is not None:
-        with open(out / "examples.tsv", "w") as fh:
-            # adv_draws_correct: the share of the score draws right; the other two are 0/1
-            fh.write("idx\tlabel\tclean_correct\trobust\tbroken_by\tadv_draws_correct\tadv_majority_correct\t"
-                     "adv_any_of_n_correct\n")
-            per = adv_score["per_example"]
-            for j, i in enumerate(idx):
-                fh.write(f"{i}\t{int(y[j])}\t{int(clean_flags[j])}\t{int(robust_flags[j])}\t{broken_by[j] or '-'}\t"
-                         f"{per['single'][j]:.4g}\t{int(per['majority'][j])}\t{int(per['any_of_n'][j])}\n")
-        if save_adv:
-            torch.save({"x_adv": x_adv.cpu(), "y": y.cpu(), "idx": torch.tensor(idx)}, out / "adversarial.pt")
+    rows, adv = [], []
+    for b, ib in enumerate(batches):
+        batch_rows, x_adv = attack_batch(s, defense, take(c.x, ib).to(device), c.y[ib].to(device), ib, b, device,
+                                         progress)
+        rows += batch_rows
+        adv.append(x_adv.cpu())
+        if out is not None:
+            report.append_example_rows(out / report.EXAMPLES_FILE, batch_rows, s.fixed_randomness)
+    if out is not None and save_adv:
+        torch.save({"x_adv": torch.cat(adv), "y": c.y[idx].cpu(), "idx": torch.tensor(idx)}, out / "adversarial.pt")
+    summary = {"command": "attack", "attack": s.kind, "config": cfg["name"], "settings": s.to_dict(),
+               "device": str(device), "resolved": defense.resolved,
+               **attack_summary(s, rows, peak_memory_mb(device))}
     summary["wall_seconds"] = time.time() - t0
     if out is not None:
         report.write_json(out / "summary.json", summary)
+    return summary
+
+
+def attack_batch(s: Attack, defense: Defense, x: torch.Tensor, y: torch.Tensor, ids: list[int], b: int, device,
+                 progress=None) -> tuple[list[dict], torch.Tensor]:
+    """Batch b of an attack run: its own attack, all its randomness addressed by (seed, phase, b),
+    the attacked model's call counter restarted. Returns one row per example (report.EXAMPLE_COLUMNS)
+    and the adversarial examples. With fixed randomness the attack, its clean and robust flags
+    and the fixed_* columns use the batch's examples' known draws (diffattack.FixedRandomness);
+    the other scores use fresh draws."""
+    def seed(phase):
+        return derive_seed(s.seed, phase, b)
+
+    start = time.time()
+    target = attacks.AttackedModel(defense, seed(AttackPhase.CALLS))
+    fixed = (diffattack.FixedRandomness(defense, x, ids, derive_seed(s.seed, AttackPhase.FIXED), s.eps, s.norm)
+             if s.fixed_randomness else None)
+    model = fixed if fixed is not None else target  # what the attack queries
+    if s.kind == "autoattack":
+        x_adv, info = attacks.autoattack(model, x, y, s.eps, s.norm, s.version, seed(AttackPhase.OPTIMISE), s.batch,
+                                         device, n_iter=s.pgd_steps, eot_iter=s.eot)
+        clean_flags, robust_flags, broken_by = info["clean_flags"], info["robust_flags"], info["broken_by"]
+    else:
+        with torch.no_grad():
+            target.reset(seed(AttackPhase.CLEAN_FLAGS))
+            clean_flags = model(x).argmax(1).eq(y).tolist()
+        target.reset(seed(AttackPhase.CALLS))
+        if s.kind == "diffattack":
+            x_adv, _ = diffattack.diffattack(model, x, y, s.eps, s.norm, s.pgd_steps, s.eot, s.eot_batch,
+                                             s.dev_weight, seed=seed(AttackPhase.OPTIMISE), progress=progress)
+        else:
+            x_adv = attacks.pgd_eot(model, x, y, s.eps, s.norm, s.pgd_steps, s.step_size, s.eot,
+                                    seed(AttackPhase.OPTIMISE), progress=progress, eot_batch=s.eot_batch)
+        target.reset(seed(AttackPhase.ROBUST_FLAGS))
+        with torch.no_grad():
+            robust_flags = model(x_adv).argmax(1).eq(y).tolist()
+        broken_by = [s.kind if (cl and not r) else None for cl, r in zip(clean_flags, robust_flags)]
+    seconds = time.time() - start
+    clean = attacks.score_defense(target, x, y, s.score_draws, seed(AttackPhase.SCORE_CLEAN), s.batch)["per_example"]
+    adv = attacks.score_defense(target, x_adv, y, s.score_draws, seed(AttackPhase.SCORE_ADV), s.batch)["per_example"]
+    if fixed is not None:  # one known draw: single = majority = any-of-N
+        fixed_right = [attacks.score_defense(fixed, z, y, 1, 0, s.batch)["per_example"]["majority"] for z in (x, x_adv)]
+    delta = (x_adv - x).flatten(1)
+    rows = []
+    for j, i in enumerate(ids):
+        row = {"idx": i, "label": int(y[j]), "clean_correct": int(clean_flags[j]), "robust": int(robust_flags[j]),
+               "broken_by": broken_by[j] or "-",
+               "adv_draws_correct": adv["single"][j], "adv_majority_correct": int(adv["majority"][j]),
+               "adv_any_of_n_correct": int(adv["any_of_n"][j]),
+               "clean_draws_correct": clean["single"][j], "clean_majority_correct": int(clean["majority"][j]),
+               "clean_any_of_n_correct": int(clean["any_of_n"][j]),
+               "linf": float(delta[j].abs().max()), "l2": float(delta[j].norm()), "batch": b, "seconds": seconds}
+        if fixed is not None:
+            row.update(fixed_clean_correct=int(fixed_right[0][j]), fixed_adv_correct=int(fixed_right[1][j]))
+        rows.append(row)
+    return rows, x_adv
+
+
+def _aggregate(share: list[float], majority: list[int], any_of_n: list[int], draws: int) -> dict:
+    """score_defense's aggregates from per-example values."""
+    n = len(share)
+    se = float(np.std(share, ddof=1) / np.sqrt(n)) if n > 1 else None  # JSON null, not NaN
+    return {"single": float(np.mean(share)), "single_se": se, "majority": float(np.mean(majority)),
+            "any_of_n": float(np.mean(any_of_n)), "draws": draws}
+
+
+def _scored(rows: list[dict], prefix: str, draws: int) -> dict:
+    return _aggregate([r[f"{prefix}_draws_correct"] for r in rows], [r[f"{prefix}_majority_correct"] for r in rows],
+                      [r[f"{prefix}_any_of_n_correct"] for r in rows], draws)
+
+
+def attack_summary(s: Attack, rows: list[dict], peak_mb: float) -> dict:
+    """The summary of an attack run from its rows alone (one per example, as examples.tsv holds
+    them), so an interrupted, resumed or merged run summarises as an uninterrupted one. The
+    attack's seconds are the sum over its batches."""
+    rows = sorted(rows, key=lambda r: r["idx"])
+    n = len(rows)
+    what = ATTACK_NAMES[s.kind].format(version=s.version)
+    clean_flags = [r["clean_correct"] for r in rows]
+    broken = [r["broken_by"] for r in rows]
+    order = attacks.AUTOATTACK_ORDER[s.version] if s.kind == "autoattack" else [s.kind]
+    breakdown = {"clean": sum(clean_flags) / n}
+    for k, name in enumerate(order):
+        breakdown[name] = sum(cl and b not in order[:k + 1] for cl, b in zip(clean_flags, broken)) / n
+    seconds = sum({r["batch"]: r["seconds"] for r in rows}.values())
+    scores = {"fresh": (_scored(rows, "clean", s.score_draws), _scored(rows, "adv", s.score_draws))}
+    summary = {
+        "examples": n, "clean_accuracy": sum(clean_flags) / n,
+        "robust_accuracy": sum(r["robust"] for r in rows) / n,
+        "accuracy_after_each_attack": breakdown,
+        "broken_by_counts": {a: broken.count(a) for a in sorted(set(broken) - {"-"})},
+        "scored_over_draws": {"clean": scores["fresh"][0], "adversarial": scores["fresh"][1]},
+        "max_perturbation": {"Linf": max(r["linf"] for r in rows), "L2": max(r["l2"] for r in rows)},
+        "attack_seconds": seconds, "peak_memory_mb": peak_mb,
+    }
+    if s.fixed_randomness:
+        right = {k: [r[f"fixed_{k}_correct"] for r in rows] for k in ("clean", "adv")}
+        fixed = {k: _aggregate(v, v, v, 1) for k, v in right.items()}  # one draw: all three agree
+        scores["fixed"] = (fixed["clean"], fixed["adv"])
+        summary["scored_fixed_randomness"] = {"clean": fixed["clean"], "adversarial": fixed["adv"]}
+    summary["table"] = attack_table(what, scores, seconds, peak_mb)
     return summary
 
 

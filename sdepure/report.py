@@ -97,3 +97,61 @@ def make_out(out: Path) -> Path:
     except OSError as e:
         raise SdepureError(f"cannot create output directory {out}: {e.strerror}") from None
     return out
+
+
+# -- attack runs: examples.tsv, one row per example ------------------------------------------
+
+EXAMPLES_FILE = "examples.tsv"
+# clean_correct / robust: the attack's own flags; broken_by: the attack that broke it ("-": none);
+# *_draws_correct: the share of the score draws right; *_majority / *_any_of_n: 0/1; linf, l2: the
+# perturbation's size; batch: the unit the attack ran in; seconds: that batch's attack time
+EXAMPLE_COLUMNS = ("idx", "label", "clean_correct", "robust", "broken_by", "adv_draws_correct", "adv_majority_correct",
+                   "adv_any_of_n_correct", "clean_draws_correct", "clean_majority_correct", "clean_any_of_n_correct",
+                   "linf", "l2", "batch", "seconds")
+FIXED_COLUMNS = ("fixed_clean_correct", "fixed_adv_correct")  # with fixed randomness: the known draw's
+_TEXT = {"broken_by"}
+_FLOAT = {"adv_draws_correct", "clean_draws_correct", "linf", "l2", "seconds"}
+
+
+def example_columns(fixed_randomness: bool) -> tuple[str, ...]:
+    return EXAMPLE_COLUMNS + (FIXED_COLUMNS if fixed_randomness else ())
+
+
+def _cell(name: str, value) -> str:
+    return repr(float(value)) if name in _FLOAT else str(value)  # repr: reads back exactly
+
+
+def write_example_rows(path: Path, rows: list[dict], fixed_randomness: bool) -> None:
+    """examples.tsv anew: the header and `rows`."""
+    cols = example_columns(fixed_randomness)
+    with open(path, "w") as fh:
+        fh.write("\t".join(cols) + "\n" + "".join("\t".join(_cell(c, r[c]) for c in cols) + "\n" for r in rows))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def append_example_rows(path: Path, rows: list[dict], fixed_randomness: bool) -> None:
+    """A finished batch's rows, appended and flushed to disk at once."""
+    cols = example_columns(fixed_randomness)
+    with open(path, "a") as fh:
+        fh.write("".join("\t".join(_cell(c, r[c]) for c in cols) + "\n" for r in rows))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_example_rows(path: Path) -> list[dict]:
+    """The whole rows of an examples.tsv (a torn last line, as a kill leaves, is dropped)."""
+    try:
+        lines = Path(path).read_text().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SdepureError(f"cannot read {path}: {e}") from None
+    cols = lines[0].split("\t") if lines else []
+    if tuple(cols) not in (example_columns(False), example_columns(True)):
+        raise SdepureError(f"{path} is not an examples.tsv of this sdepure (its header is {lines[0][:80]!r})")
+    rows = []
+    for line in lines[1:-1]:  # the text after the last newline is torn or empty
+        cells = line.split("\t")
+        if len(cells) != len(cols):
+            raise SdepureError(f"{path}: a row has {len(cells)} cells, not {len(cols)}")
+        rows.append({c: v if c in _TEXT else float(v) if c in _FLOAT else int(v) for c, v in zip(cols, cells)})
+    return rows

@@ -10,18 +10,21 @@ seeded with `derive_seed(...)`. Two streams, chosen by `rng`:
 
 The address tree. Every seed is derive_seed(parent, tag or counter, ...); the tags of each level
 are named once, below, so that no draw reuses another's seed. Values are those of earlier
-versions except the attack's call counter, which used to sit beside the attack's phases under
-the run seed (call c had the seed of phase c).
+versions except the attack's: its call counter used to sit beside the attack's phases under the
+run seed (call c had the seed of phase c), and since attack runs resume batch by batch every
+attack phase is addressed per batch of examples (batch b = examples b*batch .. (b+1)*batch - 1 of
+the selection).
 
     certify run seed -> image i                      derive_seed(seed, i)
       image -> Smoothing.SELECT / ESTIMATE / PREDICT   derive_seed(image, phase)
         phase -> batch b -> Batch.NOISE / BASE       derive_seed(phase, b, tag); BASE is a draw seed
-    attack run seed -> AttackPhase.CLEAN_FLAGS, ROBUST_FLAGS, CALLS
-                       -> call counter c             derive_seed(phase, c)  (a draw seed)
-                    -> AttackPhase.SCORE_CLEAN, SCORE_ADV
-                       -> draw d, batch start i      derive_seed(phase, d, i)  (a draw seed)
+    attack run seed -> AttackPhase.CLEAN_FLAGS, ROBUST_FLAGS, CALLS, batch b  derive_seed(seed, phase, b)
+                       -> call counter c             derive_seed(phase b, c)  (a draw seed)
+                    -> AttackPhase.SCORE_CLEAN, SCORE_ADV, batch b
+                       -> draw d, row offset 0        derive_seed(phase b, d, 0)  (a draw seed)
                     -> AttackPhase.FIXED -> example i  derive_seed(phase, i)  (a draw seed)
-                    -> AttackPhase.OPTIMISE, batch start i  derive_seed(seed, OPTIMISE, i)
+                    -> AttackPhase.OPTIMISE, batch b  derive_seed(seed, OPTIMISE, b); AutoAttack's
+                       seed (pyautoattack reseeds torch's generators with it at each attack)
     draw seed (one call of the defense) -> Draw.FORWARD (forward noise to t*), Draw.PATH
       path -> K > 1: run k's stream                  derive_seed(path, k)
               K = 1: the path is the stream itself
@@ -67,7 +70,7 @@ class AttackPhase(IntEnum):
     """Phases of an attack run (children of the run's seed)."""
     CLEAN_FLAGS = 1
     ROBUST_FLAGS = 2
-    OPTIMISE = 3        # per batch of examples: derive_seed(seed, OPTIMISE, batch start)
+    OPTIMISE = 3        # per batch b of examples: derive_seed(seed, OPTIMISE, b)
     SCORE_CLEAN = 4
     SCORE_ADV = 5
     FIXED = 6           # fixed randomness: example i's draw seed is derive_seed(phase, i)

@@ -213,8 +213,8 @@ def test_no_two_phases_of_an_attack_run_draw_from_the_same_seed(tiny, monkeypatc
     settings = attack_from_config(cfg, kind, {"pgd_steps": 2, "eot": 2, "seed": 4})
     experiments.attack(cfg, settings, "cpu")
     phases = {p for ps in drawn.values() for p in ps}
-    assert {("calls", derive_seed(4, AttackPhase.CLEAN_FLAGS)), ("calls", derive_seed(4, AttackPhase.CALLS)),
-            ("calls", derive_seed(4, AttackPhase.ROBUST_FLAGS))} <= phases and len(drawn) > 20
+    assert {("calls", derive_seed(4, AttackPhase.CLEAN_FLAGS, 0)), ("calls", derive_seed(4, AttackPhase.CALLS, 0)),
+            ("calls", derive_seed(4, AttackPhase.ROBUST_FLAGS, 0))} <= phases and len(drawn) > 20
     shared = {seed: ps for seed, ps in drawn.items() if len(ps) > 1}
     assert not shared, shared
 
