@@ -2,13 +2,20 @@
 classifier, with fresh or fixed randomness."""
 from __future__ import annotations
 
+import sys
+
 import click
 from tqdm import tqdm
 
-from sdepure import experiments
+from pathlib import Path
+
+from click.core import ParameterSource
+
+from sdepure import experiments, runs
 from sdepure.config import load_config
+from sdepure.errors import SdepureError
 from sdepure.precision import PRECISIONS
-from sdepure.settings import GRAD_MODES, METHODS, attack_from_config
+from sdepure.settings import GRAD_MODES, METHODS, Attack, attack_from_config
 
 from .common import apply_paths, check_out, common_options, default_out, resolve_device
 
@@ -52,8 +59,10 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--threads", type=int, help="torch threads (default: the config's, else torch's own; the digits "
               "config uses 1: its small networks lose time to threads waiting for each other).")
 @click.option("--save-adv", is_flag=True, help="Also write the adversarial examples (adversarial.pt).")
+@click.option("--resume", type=click.Path(path_type=Path),
+              help="Continue the attack run in this directory with its recorded settings (finished batches kept).")
 @common_options
-def attack(config_name, kind, save_adv, seed, device, out, allow_pickle, model_weights, classifier_weights,
+def attack(config_name, kind, save_adv, resume, seed, device, out, allow_pickle, model_weights, classifier_weights,
            data_root, **options):
     """Attack a purified classifier with gradients through the reverse process.
 
@@ -61,21 +70,44 @@ def attack(config_name, kind, save_adv, seed, device, out, allow_pickle, model_w
     over --score-draws independent purifications (single draw, majority vote, and any-of-N: broken
     if any draw is wrong), with one table row per randomness scored. Writes summary.json and
     examples.tsv to --out."""
-    cfg = apply_paths(load_config(config_name), model_weights, classifier_weights, data_root)
-    settings = attack_from_config(cfg, kind, {**options, "seed": seed})
+    if resume is not None:
+        ctx = click.get_current_context()
+        given = [name for name in ("config_name", "kind", "seed", "out", *options)
+                 if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
+        if given:
+            flag = ctx.command.params[[p.name for p in ctx.command.params].index(given[0])].opts[0]
+            raise SdepureError(f"--resume continues the run with the settings it recorded; drop {flag}")
+        record = runs.load_record(resume, runs.ATTACK_FORMAT)
+        cfg = apply_paths(runs.config_from_record(record), model_weights, classifier_weights, data_root)
+        settings, out, kind = Attack.from_dict(record["settings"]), resume, record["settings"]["kind"]
+        save_adv = save_adv or bool(record.get("save_adv"))
+    else:
+        cfg = apply_paths(load_config(config_name), model_weights, classifier_weights, data_root)
+        settings = attack_from_config(cfg, kind, {**options, "seed": seed})
+        out = check_out(out or default_out("attack", cfg["name"], settings.purifier.method, kind))
     dev = resolve_device(device)
-    out = check_out(out or default_out("attack", cfg["name"], settings.purifier.method, kind))
     rounds = 2 if kind == "diffattack" else 1
     steps = rounds * settings.pgd_steps * -(-settings.n_examples // settings.batch) if kind != "autoattack" else None
     bars = []  # opened at the first step, so a refusal before the attack prints one line only
+    terminal = sys.stderr.isatty()  # elsewhere (CI, nohup, SLURM logs): the batch lines only, no \r updates
 
     def progress(n: int) -> None:
+        if not terminal:
+            return
         if not bars:
             bars.append(tqdm(total=steps, desc=kind, unit="step", leave=False))
         bars[0].update(n)
+
+    class BatchLines:  # one line per finished batch, above the step bar in a terminal
+        def write(self, text: str) -> None:
+            tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+        def flush(self) -> None:
+            sys.stderr.flush()
     try:
         s = experiments.attack(cfg, settings, dev, out, allow_pickle, save_adv=save_adv, echo=click.echo,
-                               progress=progress if steps is not None else None)
+                               progress=progress if steps is not None else None, resume=resume is not None,
+                               log=BatchLines())
     finally:
         for bar in bars:
             bar.close()

@@ -7,6 +7,7 @@ command line, benchmarks and notebooks run the same code.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from .defense import Defense
 from .errors import SdepureError
 from .models import build_score_model
 from .models.base import DiffusionModel
-from .progress import Progress
+from .progress import Progress, format_seconds
 from .rng import AttackPhase, derive_seed
 from .settings import Attack, Certify, Purifier
 from .smoothing import Smooth, certify_images
@@ -293,21 +294,40 @@ ATTACK_NAMES = {"autoattack": "AutoAttack {version}", "pgd": "PGD-EOT", "bpda": 
 
 def attack(cfg: dict, settings: Attack, device, out: Path | None = None, allow_pickle: bool = False,
            components: Components | None = None, save_adv: bool = False, echo: Echo = _quiet,
-           progress: Callable[[int], None] | None = None) -> dict:
+           progress: Callable[[int], None] | None = None, resume: bool = False, log: TextIO | None = None) -> dict:
     """Run the attack on the selected examples and score the defense over `score_draws`
     purifications, on `settings.threads` torch threads. With `out`: summary.json, examples.tsv
     (and adversarial.pt with save_adv). Returns the summary; its "table" has one row per way of
     scoring the attack (see attack_table).
+
+    With `out`, a run directory (sdepure.runs): run.json first, then each batch's rows appended
+    to examples.tsv when the batch ends (and its adversarial examples kept under adv/ with
+    save_adv). With `resume` the run in `out` continues: same settings or an error naming the one
+    that differs; finished batches are kept, the others redone. Rows and summary equal an
+    uninterrupted run's (seconds and memory aside). `log`: a stream that gets one line per
+    finished batch (examples done, robust accuracy so far per scoring, seconds per example, ETA).
 
     With fixed_randomness the attacked defense is diffattack.FixedRandomness (each example's draws
     fixed by (seed, example index), known to the attacker): the attack, its clean and robust flags
     and the table's "fixed" row use that randomness; the "fresh" row scores the same adversarial
     examples under fresh randomness, beside it."""
     with torch_threads(settings.threads):
-        return _attack(cfg, settings, device, out, allow_pickle, components, save_adv, echo, progress)
+        return _attack(cfg, settings, device, out, allow_pickle, components, save_adv, echo, progress, resume, log)
 
 
-def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_adv, echo, progress) -> dict:
+def batch_line(rows: list[dict], total: int, seconds: float, run_here: int) -> str:
+    """The log line of a finished batch: `rows` so far, `seconds` spent on the `run_here` examples
+    this process attacked."""
+    per = seconds / max(run_here, 1)
+    robust = {"attack": np.mean([r["robust"] for r in rows]), "single": np.mean([r["adv_draws_correct"] for r in rows]),
+              "majority": np.mean([r["adv_majority_correct"] for r in rows]),
+              "any-of-N": np.mean([r["adv_any_of_n_correct"] for r in rows])}
+    return (f"attack: {len(rows)}/{total} examples, robust so far " + " / ".join(f"{k} {v:.3f}" for k, v in robust.items())
+            + f", {per:.1f} s/example, ETA {format_seconds(per * (total - len(rows)))}")
+
+
+def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_adv, echo, progress, resume,
+            log) -> dict:
     t0 = time.time()
     device = torch.device(device)
     if device.type == "cuda":
@@ -334,21 +354,47 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
     if s.fixed_randomness:  # each batch's disjoint-ball check, before anything is written
         for ib in batches:
             diffattack.check_disjoint_balls(take(c.x, ib), ib, s.eps, s.norm)
+    done: list[dict] = []
     if out is not None:
         out = Path(out)
-        report.make_out(out)
-        report.write_example_rows(out / report.EXAMPLES_FILE, [], s.fixed_randomness)
-
-    rows, adv = [], []
+        record = runs.make_record(s.to_dict(), cfg, idx, format=runs.ATTACK_FORMAT, device=str(device),
+                                  resolved=defense.resolved, save_adv=save_adv)
+        if resume:
+            if save_adv and not runs.load_record(out, runs.ATTACK_FORMAT).get("save_adv"):
+                raise SdepureError(f"{out} was started without --save-adv: its finished batches kept no adversarial "
+                                   f"examples; resume it without --save-adv")
+            done = runs.resume_attack(out, record)
+            echo(f"resuming {out}: {len({r['batch'] for r in done})} of {len(batches)} batches done")
+        else:
+            report.check_out(out)
+            runs.start(out, record)
+    elif resume:
+        raise SdepureError("resuming needs the run directory")
+    finished = {r["batch"] for r in done}
+    rows, spent, run_here = list(done), 0.0, 0
     for b, ib in enumerate(batches):
+        if b in finished:
+            continue
+        t_batch = time.time()
         batch_rows, x_adv = attack_batch(s, defense, take(c.x, ib).to(device), c.y[ib].to(device), ib, b, device,
                                          progress)
         rows += batch_rows
-        adv.append(x_adv.cpu())
+        spent, run_here = spent + time.time() - t_batch, run_here + len(ib)
+        if log is not None:
+            log.write(batch_line(rows, len(idx), spent, run_here) + "\n")
+            log.flush()
         if out is not None:
+            if save_adv:  # before the rows: a batch with rows has its examples
+                (out / "adv").mkdir(exist_ok=True)
+                torch.save(x_adv.cpu(), out / "adv" / f"batch-{b}.pt")
             report.append_example_rows(out / report.EXAMPLES_FILE, batch_rows, s.fixed_randomness)
+    if out is not None:  # in example order, as an uninterrupted run wrote it
+        tmp = out / (report.EXAMPLES_FILE + ".tmp")
+        report.write_example_rows(tmp, sorted(rows, key=lambda r: r["idx"]), s.fixed_randomness)
+        os.replace(tmp, out / report.EXAMPLES_FILE)
     if out is not None and save_adv:
-        torch.save({"x_adv": torch.cat(adv), "y": c.y[idx].cpu(), "idx": torch.tensor(idx)}, out / "adversarial.pt")
+        x_adv = torch.cat([torch.load(out / "adv" / f"batch-{b}.pt") for b in range(len(batches))])
+        torch.save({"x_adv": x_adv, "y": c.y[idx].cpu(), "idx": torch.tensor(idx)}, out / "adversarial.pt")
     summary = {"command": "attack", "attack": s.kind, "config": cfg["name"], "settings": s.to_dict(),
                "device": str(device), "resolved": defense.resolved,
                **attack_summary(s, rows, peak_memory_mb(device))}

@@ -1,4 +1,5 @@
-"""Run directories of `sdepure certify`: the record written at start, resuming, shards, merging.
+"""Run directories of `sdepure certify` and `sdepure attack`: the record written at start,
+resuming, shards, merging.
 
 A run directory holds
   run.json      written atomically before the first image: the settings that decide every row,
@@ -11,6 +12,10 @@ shard-r-of-W/ inside it (a run directory of its own) and rank 0 merges them at t
 
 A row depends only on (settings, image index) (each image's randomness is addressed by
 derive_seed(seed, idx)), so rows may be produced by any shard, process or resumed run and merged.
+
+An attack run directory holds run.json (format sdepure-attack-run) and examples.tsv, one row per
+example (report.EXAMPLE_COLUMNS), appended a whole batch of examples at a time: the unit of an
+attack run is its batch (experiments.attack_batch), whose rows depend only on (settings, batch).
 """
 from __future__ import annotations
 
@@ -21,13 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SdepureError
+from . import report
 from .report import TSV_HEADER, TSV_HEADER_COST
-from .settings import Certify
+from .settings import Attack, Certify
 from .smoothing import format_row
 
 RUN_FILE = "run.json"
 TSV_FILE = "certify.tsv"
 FORMAT = "sdepure-certify-run"
+ATTACK_FORMAT = "sdepure-attack-run"
+KINDS = {FORMAT: ("certify", Certify), ATTACK_FORMAT: ("attack", Attack)}  # record format -> command, settings
 VERSION = 1
 CONFIG_TABLES = ("model", "classifier", "data")  # the config tables that decide a row
 # what must agree to resume a run (all of them) or to merge shards (all but shard and images)
@@ -83,12 +91,12 @@ def _canonical(obj):
 
 
 def make_record(settings: dict, cfg: dict, images: list[int], shard: Shard | None = None,
-                world_size: int = 1, **info) -> dict:
+                world_size: int = 1, format: str = FORMAT, **info) -> dict:
     """The run record. `settings`: the validated settings as a dict; `cfg`: the loaded config
-    (only its model/classifier/data tables are compared); `info`: anything else worth keeping
-    (device, t_star, ...), never compared."""
+    (only its model/classifier/data tables are compared); `format`: FORMAT (certify) or
+    ATTACK_FORMAT; `info`: anything else worth keeping (device, t_star, ...), never compared."""
     return _canonical({
-        "format": FORMAT, "version": VERSION, "settings": full_settings(settings),
+        "format": format, "version": VERSION, "settings": full_settings(settings, format),
         "config": {k: cfg.get(k, {}) for k in CONFIG_TABLES},
         "config_name": cfg.get("name"), "config_source": cfg.get("source"),
         "shard": shard.to_dict() if shard else None, "world_size": int(world_size),
@@ -119,35 +127,40 @@ def write_record(run_dir: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_record(run_dir: Path) -> dict:
+def load_record(run_dir: Path, format: str = FORMAT) -> dict:
+    """The record of a run directory of `format`'s command; anything else is refused, naming it."""
     run_dir = Path(run_dir)
+    command = KINDS[format][0]
     if not run_dir.exists():
         raise SdepureError(f"{run_dir} does not exist; it is not a run directory")
     if not run_dir.is_dir():
         raise SdepureError(f"{run_dir} is not a directory, so not a run directory")
     path = run_dir / RUN_FILE
     if not path.is_file():
-        raise SdepureError(f"{run_dir} is not a sdepure certify run (it has no {RUN_FILE}); nothing was changed")
+        raise SdepureError(f"{run_dir} is not a sdepure {command} run (it has no {RUN_FILE}); nothing was changed")
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SdepureError(f"{path} is unreadable or not JSON ({e}); not a sdepure certify run") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise SdepureError(f"{path} is not a sdepure certify run record")
+        raise SdepureError(f"{path} is unreadable or not JSON ({e}); not a sdepure {command} run") from None
+    if not isinstance(record, dict) or record.get("format") not in KINDS:
+        raise SdepureError(f"{path} is not a sdepure {command} run record")
+    if record["format"] != format:
+        raise SdepureError(f"{run_dir} is a sdepure {KINDS[record['format']][0]} run, not a {command} run; "
+                           f"nothing was changed")
     if record.get("version") != VERSION:
         raise SdepureError(f"{path} has run-record version {record.get('version')}; "
                            f"this sdepure reads version {VERSION}")
     try:
-        record["settings"] = full_settings(record.get("settings"))
+        record["settings"] = full_settings(record.get("settings"), format)
     except SdepureError as e:
-        raise SdepureError(f"{path}: its settings do not read as a certify run's ({e})") from None
+        raise SdepureError(f"{path}: its settings do not read as a {command} run's ({e})") from None
     return record
 
 
-def full_settings(settings: dict) -> dict:
+def full_settings(settings: dict, format: str = FORMAT) -> dict:
     """Every setting, as JSON reads it back; those a record from an older sdepure lacks take the
     values that run had (settings.record_defaults)."""
-    return _canonical(Certify.from_dict(settings).to_dict())
+    return _canonical(KINDS[format][1].from_dict(settings).to_dict())
 
 
 def _diff(a, b, name: str, out: list) -> None:
@@ -292,7 +305,9 @@ def start(run_dir: Path, record: dict) -> None:
     except OSError as e:
         raise SdepureError(f"cannot create output directory {run_dir}: {e.strerror}") from None
     write_record(run_dir, record)
-    if record["world_size"] == 1:
+    if record["format"] == ATTACK_FORMAT:
+        report.write_example_rows(run_dir / report.EXAMPLES_FILE, [], record["settings"]["fixed_randomness"])
+    elif record["world_size"] == 1:
         write_rows(run_dir / TSV_FILE, [])
 
 
@@ -313,6 +328,32 @@ def resume(run_dir: Path, record: dict) -> list[dict]:
     elif size != good:
         os.truncate(path, good)
     return rows
+
+
+def attack_batches(record: dict) -> list[list[int]]:
+    """An attack run's batches: its examples in runs of settings.batch."""
+    images, size = record["images"], record["settings"]["batch"]
+    return [images[i:i + size] for i in range(0, len(images), size)]
+
+
+def resume_attack(run_dir: Path, record: dict) -> list[dict]:
+    """Check that `run_dir` is an attack run with exactly the settings in `record` and return the
+    rows of its finished batches; examples.tsv is rewritten (atomically) to hold just those, so a
+    batch cut short by a kill is redone whole. Nothing is changed unless every check passes."""
+    run_dir = Path(run_dir)
+    check_resumable(run_dir, load_record(run_dir, ATTACK_FORMAT), record)
+    path = run_dir / report.EXAMPLES_FILE
+    rows = report.read_example_rows(path) if path.exists() else []
+    have = {}
+    for r in rows:
+        have.setdefault(r["batch"], []).append(r)
+    done = [r for b, ids in enumerate(attack_batches(record)) if [r["idx"] for r in have.get(b, [])] == ids
+            for r in have[b]]
+    fixed = record["settings"]["fixed_randomness"]
+    tmp = path.with_name(path.name + ".tmp")
+    report.write_example_rows(tmp, done, fixed)
+    os.replace(tmp, path)
+    return done
 
 
 def pending(record: dict, done: list[dict]) -> list[int]:
