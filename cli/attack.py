@@ -59,10 +59,12 @@ from .common import apply_paths, check_out, common_options, default_out, resolve
 @click.option("--threads", type=int, help="torch threads (default: the config's, else torch's own; the digits "
               "config uses 1: its small networks lose time to threads waiting for each other).")
 @click.option("--save-adv", is_flag=True, help="Also write the adversarial examples (adversarial.pt).")
+@click.option("--shard", type=str, help="i/n: attack every n-th batch of examples, starting at the i-th (0-based); "
+              "sdepure merge combines the shards.")
 @click.option("--resume", type=click.Path(path_type=Path),
               help="Continue the attack run in this directory with its recorded settings (finished batches kept).")
 @common_options
-def attack(config_name, kind, save_adv, resume, seed, device, out, allow_pickle, model_weights, classifier_weights,
+def attack(config_name, kind, save_adv, shard, resume, seed, device, out, allow_pickle, model_weights, classifier_weights,
            data_root, **options):
     """Attack a purified classifier with gradients through the reverse process.
 
@@ -72,7 +74,7 @@ def attack(config_name, kind, save_adv, resume, seed, device, out, allow_pickle,
     examples.tsv to --out."""
     if resume is not None:
         ctx = click.get_current_context()
-        given = [name for name in ("config_name", "kind", "seed", "out", *options)
+        given = [name for name in ("config_name", "kind", "seed", "out", "shard", *options)
                  if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
         if given:
             flag = ctx.command.params[[p.name for p in ctx.command.params].index(given[0])].opts[0]
@@ -80,11 +82,14 @@ def attack(config_name, kind, save_adv, resume, seed, device, out, allow_pickle,
         record = runs.load_record(resume, runs.ATTACK_FORMAT)
         cfg = apply_paths(runs.config_from_record(record), model_weights, classifier_weights, data_root)
         settings, out, kind = Attack.from_dict(record["settings"]), resume, record["settings"]["kind"]
+        part = runs.record_shard(record)
         save_adv = save_adv or bool(record.get("save_adv"))
     else:
         cfg = apply_paths(load_config(config_name), model_weights, classifier_weights, data_root)
         settings = attack_from_config(cfg, kind, {**options, "seed": seed})
-        out = check_out(out or default_out("attack", cfg["name"], settings.purifier.method, kind))
+        part = runs.parse_shard(shard) if shard is not None else None
+        out = check_out(out or default_out("attack", cfg["name"], settings.purifier.method, kind,
+                                           *([f"shard{part.index}of{part.count}"] if part else [])))
     dev = resolve_device(device)
     rounds = 2 if kind == "diffattack" else 1
     steps = rounds * settings.pgd_steps * -(-settings.n_examples // settings.batch) if kind != "autoattack" else None
@@ -107,7 +112,7 @@ def attack(config_name, kind, save_adv, resume, seed, device, out, allow_pickle,
     try:
         s = experiments.attack(cfg, settings, dev, out, allow_pickle, save_adv=save_adv, echo=click.echo,
                                progress=progress if steps is not None else None, resume=resume is not None,
-                               log=BatchLines())
+                               log=BatchLines(), shard=part)
     finally:
         for bar in bars:
             bar.close()

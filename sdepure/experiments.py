@@ -7,6 +7,7 @@ command line, benchmarks and notebooks run the same code.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -162,6 +163,8 @@ def merge(dirs, out: Path) -> dict:
     out = Path(out)
     report.check_out(out)
     record, rows = runs.collect(dirs)
+    if record["format"] == runs.ATTACK_FORMAT:
+        return _merge_attack(runs.expand(dirs), out, record, rows, t0)
     s = record["settings"]
     settings = Certify.from_dict(s)
     cfg = {"name": record.get("config_name"), "source": record.get("config_source")}
@@ -172,6 +175,30 @@ def merge(dirs, out: Path) -> dict:
     summary["wall_seconds"] = time.time() - t0
     write_certify_files(out, summary, rows)
     return {**summary, "rows": rows}
+
+
+def _merge_attack(dirs: list[Path], out: Path, record: dict, rows: list[dict], t0: float) -> dict:
+    """merge for attack shards: examples.tsv sorted by example, the summary and table recomputed
+    from the rows (never averaged from the shards' summaries), adversarial.pt when every shard
+    kept its batches' examples. Seconds are the sum over batches; peak memory the shards' largest."""
+    settings = Attack.from_dict(record["settings"])
+    runs.start(out, record)
+    report.write_example_rows(out / report.EXAMPLES_FILE, rows, settings.fixed_randomness)
+    peaks = []
+    for d in dirs:
+        try:
+            peaks.append(json.loads((Path(d) / "summary.json").read_text())["peak_memory_mb"])
+        except (OSError, ValueError, KeyError):
+            pass
+    summary = {"command": "attack", "attack": settings.kind, "config": record.get("config_name"),
+               "settings": settings.to_dict(), "device": record.get("device"), "resolved": record.get("resolved"),
+               "shard": None, **attack_summary(settings, rows, max(peaks, default=float("nan")))}
+    summary["merged_from"] = [str(d) for d in dirs]
+    if all(runs.load_record(d, runs.ATTACK_FORMAT).get("save_adv") for d in dirs):
+        save_adversarial(out, dirs, runs.attack_batches(record), None)
+    summary["wall_seconds"] = time.time() - t0
+    report.write_json(out / "summary.json", summary)
+    return summary
 
 
 def _open_run(out: Path, cfg: dict, settings: Certify, indices: list[int], shard, dist, device, t_star,
@@ -294,7 +321,8 @@ ATTACK_NAMES = {"autoattack": "AutoAttack {version}", "pgd": "PGD-EOT", "bpda": 
 
 def attack(cfg: dict, settings: Attack, device, out: Path | None = None, allow_pickle: bool = False,
            components: Components | None = None, save_adv: bool = False, echo: Echo = _quiet,
-           progress: Callable[[int], None] | None = None, resume: bool = False, log: TextIO | None = None) -> dict:
+           progress: Callable[[int], None] | None = None, resume: bool = False, log: TextIO | None = None,
+           shard: runs.Shard | None = None) -> dict:
     """Run the attack on the selected examples and score the defense over `score_draws`
     purifications, on `settings.threads` torch threads. With `out`: summary.json, examples.tsv
     (and adversarial.pt with save_adv). Returns the summary; its "table" has one row per way of
@@ -312,7 +340,8 @@ def attack(cfg: dict, settings: Attack, device, out: Path | None = None, allow_p
     and the table's "fixed" row use that randomness; the "fresh" row scores the same adversarial
     examples under fresh randomness, beside it."""
     with torch_threads(settings.threads):
-        return _attack(cfg, settings, device, out, allow_pickle, components, save_adv, echo, progress, resume, log)
+        return _attack(cfg, settings, device, out, allow_pickle, components, save_adv, echo, progress, resume, log,
+                       shard)
 
 
 def batch_line(rows: list[dict], total: int, seconds: float, run_here: int) -> str:
@@ -326,8 +355,24 @@ def batch_line(rows: list[dict], total: int, seconds: float, run_here: int) -> s
             + f", {per:.1f} s/example, ETA {format_seconds(per * (total - len(rows)))}")
 
 
+def save_adversarial(out: Path, dirs: list[Path], batches: dict[int, list[int]], y: torch.Tensor | None) -> None:
+    """adversarial.pt in `out`: the batches' adversarial examples (adv/batch-b.pt, found in one of
+    `dirs`) in example order, with their indices and labels (`y` by example index, or None: read
+    from the rows in out's examples.tsv)."""
+    where = {b: next(d for d in dirs if (Path(d) / "adv" / f"batch-{b}.pt").exists()) for b in batches}
+    order = sorted(batches)
+    x_adv = torch.cat([torch.load(Path(where[b]) / "adv" / f"batch-{b}.pt") for b in order])
+    idx = [i for b in order for i in batches[b]]
+    if y is None:
+        labels = {r["idx"]: r["label"] for r in report.read_example_rows(out / report.EXAMPLES_FILE)}
+        labels_y = torch.tensor([labels[i] for i in idx])
+    else:
+        labels_y = y[idx].cpu()
+    torch.save({"x_adv": x_adv, "y": labels_y, "idx": torch.tensor(idx)}, out / "adversarial.pt")
+
+
 def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_adv, echo, progress, resume,
-            log) -> dict:
+            log, shard) -> dict:
     t0 = time.time()
     device = torch.device(device)
     if device.type == "cuda":
@@ -350,21 +395,21 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
              f"deviated-reconstruction weight {s.dev_weight:g}")
     elif s.kind != "autoattack":
         echo(f"  {s.pgd_steps} steps of {s.step_size:.4g}, {s.eot} EOT draws ({s.eot_batch} per pass)")
-    batches = [idx[b * s.batch:(b + 1) * s.batch] for b in range(-(-len(idx) // s.batch))]
+    record = runs.make_record(s.to_dict(), cfg, idx, shard, format=runs.ATTACK_FORMAT, device=str(device),
+                              resolved=defense.resolved, save_adv=save_adv)
+    own = runs.attack_batches(record)  # b -> its examples (a shard's: every n-th batch)
     if s.fixed_randomness:  # each batch's disjoint-ball check, before anything is written
-        for ib in batches:
+        for ib in own.values():
             diffattack.check_disjoint_balls(take(c.x, ib), ib, s.eps, s.norm)
     done: list[dict] = []
     if out is not None:
         out = Path(out)
-        record = runs.make_record(s.to_dict(), cfg, idx, format=runs.ATTACK_FORMAT, device=str(device),
-                                  resolved=defense.resolved, save_adv=save_adv)
         if resume:
             if save_adv and not runs.load_record(out, runs.ATTACK_FORMAT).get("save_adv"):
                 raise SdepureError(f"{out} was started without --save-adv: its finished batches kept no adversarial "
                                    f"examples; resume it without --save-adv")
             done = runs.resume_attack(out, record)
-            echo(f"resuming {out}: {len({r['batch'] for r in done})} of {len(batches)} batches done")
+            echo(f"resuming {out}: {len({r['batch'] for r in done})} of {len(own)} batches done")
         else:
             report.check_out(out)
             runs.start(out, record)
@@ -372,7 +417,8 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
         raise SdepureError("resuming needs the run directory")
     finished = {r["batch"] for r in done}
     rows, spent, run_here = list(done), 0.0, 0
-    for b, ib in enumerate(batches):
+    total = sum(len(ib) for ib in own.values())
+    for b, ib in own.items():
         if b in finished:
             continue
         t_batch = time.time()
@@ -381,7 +427,7 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
         rows += batch_rows
         spent, run_here = spent + time.time() - t_batch, run_here + len(ib)
         if log is not None:
-            log.write(batch_line(rows, len(idx), spent, run_here) + "\n")
+            log.write(batch_line(rows, total, spent, run_here) + "\n")
             log.flush()
         if out is not None:
             if save_adv:  # before the rows: a batch with rows has its examples
@@ -392,11 +438,10 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
         tmp = out / (report.EXAMPLES_FILE + ".tmp")
         report.write_example_rows(tmp, sorted(rows, key=lambda r: r["idx"]), s.fixed_randomness)
         os.replace(tmp, out / report.EXAMPLES_FILE)
-    if out is not None and save_adv:
-        x_adv = torch.cat([torch.load(out / "adv" / f"batch-{b}.pt") for b in range(len(batches))])
-        torch.save({"x_adv": x_adv, "y": c.y[idx].cpu(), "idx": torch.tensor(idx)}, out / "adversarial.pt")
+        if save_adv:
+            save_adversarial(out, [out], own, c.y)
     summary = {"command": "attack", "attack": s.kind, "config": cfg["name"], "settings": s.to_dict(),
-               "device": str(device), "resolved": defense.resolved,
+               "device": str(device), "resolved": defense.resolved, "shard": str(shard) if shard else None,
                **attack_summary(s, rows, peak_memory_mb(device))}
     summary["wall_seconds"] = time.time() - t0
     if out is not None:

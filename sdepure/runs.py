@@ -127,10 +127,11 @@ def write_record(run_dir: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_record(run_dir: Path, format: str = FORMAT) -> dict:
-    """The record of a run directory of `format`'s command; anything else is refused, naming it."""
+def load_record(run_dir: Path, format: str | None = FORMAT) -> dict:
+    """The record of a run directory of `format`'s command (None: of either); anything else is
+    refused, naming it."""
     run_dir = Path(run_dir)
-    command = KINDS[format][0]
+    command = KINDS[format][0] if format else "certify or attack"
     if not run_dir.exists():
         raise SdepureError(f"{run_dir} does not exist; it is not a run directory")
     if not run_dir.is_dir():
@@ -144,14 +145,14 @@ def load_record(run_dir: Path, format: str = FORMAT) -> dict:
         raise SdepureError(f"{path} is unreadable or not JSON ({e}); not a sdepure {command} run") from None
     if not isinstance(record, dict) or record.get("format") not in KINDS:
         raise SdepureError(f"{path} is not a sdepure {command} run record")
-    if record["format"] != format:
+    if format and record["format"] != format:
         raise SdepureError(f"{run_dir} is a sdepure {KINDS[record['format']][0]} run, not a {command} run; "
                            f"nothing was changed")
     if record.get("version") != VERSION:
         raise SdepureError(f"{path} has run-record version {record.get('version')}; "
                            f"this sdepure reads version {VERSION}")
     try:
-        record["settings"] = full_settings(record.get("settings"), format)
+        record["settings"] = full_settings(record.get("settings"), record["format"])
     except SdepureError as e:
         raise SdepureError(f"{path}: its settings do not read as a {command} run's ({e})") from None
     return record
@@ -330,10 +331,13 @@ def resume(run_dir: Path, record: dict) -> list[dict]:
     return rows
 
 
-def attack_batches(record: dict) -> list[list[int]]:
-    """An attack run's batches: its examples in runs of settings.batch."""
+def attack_batches(record: dict) -> dict[int, list[int]]:
+    """An attack run's own batches, b -> its examples: the run's examples in runs of
+    settings.batch, and of a shard i/n every n-th batch from the i-th."""
     images, size = record["images"], record["settings"]["batch"]
-    return [images[i:i + size] for i in range(0, len(images), size)]
+    batches = {b: images[i:i + size] for b, i in enumerate(range(0, len(images), size))}
+    shard = record_shard(record)
+    return {b: ids for b, ids in batches.items() if shard is None or b % shard.count == shard.index}
 
 
 def resume_attack(run_dir: Path, record: dict) -> list[dict]:
@@ -347,7 +351,7 @@ def resume_attack(run_dir: Path, record: dict) -> list[dict]:
     have = {}
     for r in rows:
         have.setdefault(r["batch"], []).append(r)
-    done = [r for b, ids in enumerate(attack_batches(record)) if [r["idx"] for r in have.get(b, [])] == ids
+    done = [r for b, ids in attack_batches(record).items() if [r["idx"] for r in have.get(b, [])] == ids
             for r in have[b]]
     fixed = record["settings"]["fixed_randomness"]
     tmp = path.with_name(path.name + ".tmp")
@@ -377,7 +381,7 @@ def expand(dirs) -> list[Path]:
     """Run directories to merge: a torchrun run stands for its shard-r-of-W directories."""
     out = []
     for d in map(Path, dirs):
-        record = load_record(d)
+        record = load_record(d, None)
         out.extend(shard_dirs(d, record["world_size"]) if record["world_size"] > 1 else [d])
     return out
 
@@ -395,9 +399,12 @@ def collect(dirs) -> tuple[dict, list[dict]]:
         if key in seen_paths:
             raise SdepureError(f"{d} is given twice")
         seen_paths[key] = d
-    records = [load_record(d) for d in dirs]
+    records = [load_record(d, None) for d in dirs]
     first, base = dirs[0], records[0]
     for d, rec in zip(dirs[1:], records[1:]):
+        if rec["format"] != base["format"]:
+            raise SdepureError(f"cannot merge {first} and {d}: one is a {KINDS[base['format']][0]} run, the other "
+                               f"a {KINDS[rec['format']][0]} run")
         diff = differences(base, rec, MERGE_KEYS)
         if diff:
             name, a, b = diff[0]
@@ -420,6 +427,8 @@ def collect(dirs) -> tuple[dict, list[dict]]:
         missing = [f"{i}/{counts[0]}" for i in range(counts[0]) if i not in by_index]
         if missing:
             raise SdepureError(f"shard(s) {', '.join(missing)} missing: give all {counts[0]} shards of the run")
+    if base["format"] == ATTACK_FORMAT:
+        return _collect_attack(dirs, records)
     rows_by_idx: dict[int, Path] = {}
     rows = []
     for d, rec in zip(dirs, records):
@@ -439,3 +448,26 @@ def collect(dirs) -> tuple[dict, list[dict]]:
             raise SdepureError(f"shard {s} does not hold every {s.count}-th image of the merged selection")
     merged = {**base, "shard": None, "world_size": 1, "images": images}
     return merged, rows
+
+
+def _collect_attack(dirs: list[Path], records: list[dict]) -> tuple[dict, list[dict]]:
+    """collect's rows for attack shards (each record holds the whole selection; a shard owns
+    every n-th batch of it): every own batch finished, no example twice."""
+    base = records[0]
+    rows, seen = [], {}
+    for d, rec in zip(dirs, records):
+        if rec["images"] != base["images"]:
+            raise SdepureError(f"cannot merge {dirs[0]} and {d}: they attack different examples")
+        own = attack_batches(rec)
+        have = report.read_example_rows(Path(d) / report.EXAMPLES_FILE)
+        finished = {b for b, ids in own.items() if [r["idx"] for r in have if r["batch"] == b] == ids}
+        if finished != set(own):
+            raise SdepureError(f"{d} is unfinished ({len(finished)} of {len(own)} batches); "
+                               f"finish it with sdepure attack --resume {d}")
+        for r in have:
+            if r["idx"] in seen:
+                raise SdepureError(f"example {r['idx']} appears in both {seen[r['idx']]} and {d}")
+            seen[r["idx"]] = d
+        rows.extend(have)
+    rows.sort(key=lambda r: r["idx"])
+    return {**base, "shard": None, "world_size": 1}, rows

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from sdepure import report, runs
 
@@ -130,3 +131,47 @@ def test_one_log_line_per_finished_batch(tiny, tmp_path, run_cli):
     assert [line.split(",")[0] for line in lines] == [f"attack: {k}/8 examples" for k in (2, 4, 6, 8)]
     assert all("robust so far attack" in line and "any-of-N" in line and "ETA" in line for line in lines)
     assert "\r" not in err  # not a terminal: lines only
+
+
+def test_shards_merge_to_the_whole_run(tiny, tmp_path, run_cli):
+    """Shards attack every n-th batch; merged, rows (sorted by example), summary and table equal
+    the whole run's, recomputed from the rows; adversarial.pt too."""
+    args = ["--config", str(tiny), *ARGS, "--n-examples", "10", "--save-adv"]  # 5 batches, the last of 2
+    _ok(run_cli, *args, "--out", str(tmp_path / "whole"))
+    for i in (1, 0, 2):
+        _ok(run_cli, *args, "--shard", f"{i}/3", "--out", str(tmp_path / f"s{i}"))
+        assert {r["batch"] for r in _rows(tmp_path / f"s{i}")} == {b for b in range(5) if b % 3 == i}
+    code, stdout, err = run_cli("merge", *(str(tmp_path / f"s{i}") for i in (2, 0, 1)), "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    assert "10 examples" in stdout
+    assert _rows(tmp_path / "m") == _rows(tmp_path / "whole")
+    merged, whole = _summary(tmp_path / "m"), _summary(tmp_path / "whole")
+    assert merged.pop("merged_from") and merged == whole
+    a, b = (torch.load(tmp_path / d / "adversarial.pt") for d in ("m", "whole"))
+    assert torch.equal(a["x_adv"], b["x_adv"]) and torch.equal(a["idx"], b["idx"]) and torch.equal(a["y"], b["y"])
+
+
+@pytest.mark.parametrize("case", ["unfinished shard", "missing shard", "certify with attack", "other settings"])
+def test_attack_merge_refusals(tiny, tmp_path, run_cli, cli_error, case):
+    args = ["--config", str(tiny), *ARGS]
+    _ok(run_cli, *args, "--shard", "0/2", "--out", str(tmp_path / "s0"))
+    dirs = [tmp_path / "s0"]
+    if case == "missing shard":
+        needle = "shard(s) 1/2 missing"
+    elif case == "certify with attack":
+        code, _, err = run_cli("certify", "--config", str(tiny), "--out", str(tmp_path / "c"))
+        assert code == 0, err
+        dirs.append(tmp_path / "c")
+        needle = "one is a attack run, the other a certify run"
+    else:
+        extra = ["--eps", "0.2"] if case == "other settings" else []
+        _ok(run_cli, *args, *extra, "--shard", "1/2", "--out", str(tmp_path / "s1"))
+        dirs.append(tmp_path / "s1")
+        if case == "unfinished shard":
+            rows = report.read_example_rows(tmp_path / "s1" / "examples.tsv")
+            report.write_example_rows(tmp_path / "s1" / "examples.tsv", rows[:2], False)
+            needle = "is unfinished (1 of 2 batches)"
+        else:
+            needle = "setting eps differs (0.1 against 0.2)"
+    cli_error(needle, "merge", *map(str, dirs), "--out", str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()

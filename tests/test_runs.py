@@ -566,7 +566,7 @@ def test_merge_refuses_inconsistent_shards(tiny, tmp_path, run_cli, cli_error):
              ([a0, a0, a1], "given twice"),
              ([a0, c1], "different"),
              ([a0, str(tmp_path / "nope")], "does not exist"),
-             ([a0, str(taken)], "not a sdepure certify run")]
+             ([a0, str(taken)], "not a sdepure certify or attack run")]
     for dirs, needle in cases:
         cli_error(needle, "merge", *dirs, "--out", out)
         assert not (tmp_path / "out").exists()
