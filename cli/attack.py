@@ -11,7 +11,7 @@ from pathlib import Path
 
 from click.core import ParameterSource
 
-from sdepure import experiments, runs
+from sdepure import distributed, experiments, runs
 from sdepure.config import load_config
 from sdepure.errors import SdepureError
 from sdepure.precision import PRECISIONS
@@ -72,6 +72,7 @@ def attack(config_name, kind, save_adv, shard, resume, seed, device, out, allow_
     over --score-draws independent purifications (single draw, majority vote, and any-of-N: broken
     if any draw is wrong), with one table row per randomness scored. Writes summary.json and
     examples.tsv to --out."""
+    env = distributed.from_environ()
     if resume is not None:
         ctx = click.get_current_context()
         given = [name for name in ("config_name", "kind", "seed", "out", "shard", *options)
@@ -80,6 +81,7 @@ def attack(config_name, kind, save_adv, shard, resume, seed, device, out, allow_
             flag = ctx.command.params[[p.name for p in ctx.command.params].index(given[0])].opts[0]
             raise SdepureError(f"--resume continues the run with the settings it recorded; drop {flag}")
         record = runs.load_record(resume, runs.ATTACK_FORMAT)
+        runs.check_world_size(resume, record, env.world_size)
         cfg = apply_paths(runs.config_from_record(record), model_weights, classifier_weights, data_root)
         settings, out, kind = Attack.from_dict(record["settings"]), resume, record["settings"]["kind"]
         part = runs.record_shard(record)
@@ -88,9 +90,11 @@ def attack(config_name, kind, save_adv, shard, resume, seed, device, out, allow_
         cfg = apply_paths(load_config(config_name), model_weights, classifier_weights, data_root)
         settings = attack_from_config(cfg, kind, {**options, "seed": seed})
         part = runs.parse_shard(shard) if shard is not None else None
-        out = check_out(out or default_out("attack", cfg["name"], settings.purifier.method, kind,
-                                           *([f"shard{part.index}of{part.count}"] if part else [])))
-    dev = resolve_device(device)
+        named = default_out("attack", cfg["name"], settings.purifier.method, kind,
+                            *([f"shard{part.index}of{part.count}"] if part else []))
+        # under torchrun rank 0 names the default directory (its time stamp) and checks it
+        out = check_out(out or named) if (out is not None or not env.active) else named
+    dev = distributed.device_for(env, resolve_device(device))  # cuda:LOCAL_RANK under torchrun
     rounds = 2 if kind == "diffattack" else 1
     steps = rounds * settings.pgd_steps * -(-settings.n_examples // settings.batch) if kind != "autoattack" else None
     bars = []  # opened at the first step, so a refusal before the attack prints one line only
@@ -112,10 +116,13 @@ def attack(config_name, kind, save_adv, shard, resume, seed, device, out, allow_
     try:
         s = experiments.attack(cfg, settings, dev, out, allow_pickle, save_adv=save_adv, echo=click.echo,
                                progress=progress if steps is not None else None, resume=resume is not None,
-                               log=BatchLines(), shard=part)
+                               log=BatchLines(), shard=part, dist=env)
     finally:
         for bar in bars:
             bar.close()
+    if not env.is_main:
+        click.echo(f"{env.prefix}shard {env.rank}/{env.world_size} done ({s['examples']} examples); rank 0 merges")
+        return
     click.echo(f"clean accuracy {s['clean_accuracy']:.3f}, robust accuracy {s['robust_accuracy']:.3f} "
                "(single draw, as the attack saw it)")
     click.echo("  after each attack: " + ", ".join(f"{k} {v:.3f}" for k, v in s["accuracy_after_each_attack"].items()))

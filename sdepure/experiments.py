@@ -106,8 +106,12 @@ def certify(cfg: dict, settings: Certify, device, out: Path | None = None, allow
     run_dir, done = None, []
     try:
         if out is not None:
-            out, run_dir, done = _open_run(Path(out), cfg, settings, indices, shard, dist, device, t_star,
-                                           defense.resolved, resume)
+            info = {"device": str(device), "t_star": t_star, "resolved": defense.resolved}
+
+            def record_for(part, world_size):
+                return runs.make_record(settings.to_dict(), cfg, part.select(indices) if part else indices, part,
+                                        world_size, **info)
+            out, run_dir, done = _open_run(Path(out), record_for, runs.resume, shard, dist, resume)
         todo = runs.pending({"images": own}, done)
         if resume and done:
             say(f"resuming {out}: {len(done)} of {len(own)} images done, {len(todo)} to go")
@@ -164,7 +168,8 @@ def merge(dirs, out: Path) -> dict:
     report.check_out(out)
     record, rows = runs.collect(dirs)
     if record["format"] == runs.ATTACK_FORMAT:
-        return _merge_attack(runs.expand(dirs), out, record, rows, t0)
+        runs.start(out, record)
+        return _write_merged_attack(runs.expand(dirs), out, record, rows, t0)
     s = record["settings"]
     settings = Certify.from_dict(s)
     cfg = {"name": record.get("config_name"), "source": record.get("config_source")}
@@ -177,12 +182,12 @@ def merge(dirs, out: Path) -> dict:
     return {**summary, "rows": rows}
 
 
-def _merge_attack(dirs: list[Path], out: Path, record: dict, rows: list[dict], t0: float) -> dict:
-    """merge for attack shards: examples.tsv sorted by example, the summary and table recomputed
-    from the rows (never averaged from the shards' summaries), adversarial.pt when every shard
-    kept its batches' examples. Seconds are the sum over batches; peak memory the shards' largest."""
+def _write_merged_attack(dirs: list[Path], out: Path, record: dict, rows: list[dict], t0: float) -> dict:
+    """The merged attack run in `out` (its run.json written): examples.tsv sorted by example, the
+    summary and table recomputed from the rows (never averaged from the shards' summaries),
+    adversarial.pt when every shard kept its batches' examples. Seconds are the sum over
+    batches; peak memory the shards' largest."""
     settings = Attack.from_dict(record["settings"])
-    runs.start(out, record)
     report.write_example_rows(out / report.EXAMPLES_FILE, rows, settings.fixed_randomness)
     peaks = []
     for d in dirs:
@@ -201,26 +206,24 @@ def _merge_attack(dirs: list[Path], out: Path, record: dict, rows: list[dict], t
     return summary
 
 
-def _open_run(out: Path, cfg: dict, settings: Certify, indices: list[int], shard, dist, device, t_star,
-              resolved: dict, resume: bool) -> tuple[Path, Path, list[dict]]:
+def _open_run(out: Path, record_for, reopen, shard, dist, resume: bool) -> tuple[Path, Path, list]:
     """Start or resume the run directory `out` (under torchrun: the run and this rank's shard in
     it); returns the run directory (under torchrun: rank 0's name for it), the directory this
-    process appends rows to, and the rows that one already has.
+    process writes rows to, and the rows that one already has. record_for(shard, world_size): the
+    run record; reopen(run_dir, record): the rows a run directory already has, after checking it
+    has exactly that record (runs.resume, runs.resume_attack).
     Every check runs on every rank before the processes meet, so all refuse together."""
-    info = {"device": str(device), "t_star": t_star, "resolved": resolved}
     if not dist.active:
-        record = runs.make_record(settings.to_dict(), cfg, shard.select(indices) if shard else indices, shard,
-                                  **info)
+        record = record_for(shard, 1)
         if resume:
-            return out, out, runs.resume(out, record)
+            return out, out, reopen(out, record)
         report.check_out(out)
         runs.start(out, record)
         return out, out, []
     own = runs.Shard(dist.rank, dist.world_size)
-    top = runs.make_record(settings.to_dict(), cfg, indices, None, dist.world_size, **info)
-    mine = runs.make_record(settings.to_dict(), cfg, own.select(indices), own, **info)
+    top, mine = record_for(None, dist.world_size), record_for(own, 1)
     if resume:
-        runs.check_resumable(out, runs.load_record(out), top)
+        runs.check_resumable(out, runs.load_record(out, top["format"]), top)
         distributed.init(dist)
         run_dir = out / own.dirname
         if run_dir.is_dir() and not any(run_dir.iterdir()):
@@ -228,7 +231,7 @@ def _open_run(out: Path, cfg: dict, settings: Certify, indices: list[int], shard
         if not run_dir.exists():  # killed before this rank began
             runs.start(run_dir, mine)
             return out, run_dir, []
-        return out, run_dir, runs.resume(run_dir, mine)
+        return out, run_dir, reopen(run_dir, mine)
     distributed.init(dist)
     out = Path(distributed.broadcast(dist, str(out)))  # rank 0's name (a default one has a time stamp)
     report.check_out(out)
@@ -322,7 +325,7 @@ ATTACK_NAMES = {"autoattack": "AutoAttack {version}", "pgd": "PGD-EOT", "bpda": 
 def attack(cfg: dict, settings: Attack, device, out: Path | None = None, allow_pickle: bool = False,
            components: Components | None = None, save_adv: bool = False, echo: Echo = _quiet,
            progress: Callable[[int], None] | None = None, resume: bool = False, log: TextIO | None = None,
-           shard: runs.Shard | None = None) -> dict:
+           shard: runs.Shard | None = None, dist: distributed.DistEnv | None = None) -> dict:
     """Run the attack on the selected examples and score the defense over `score_draws`
     purifications, on `settings.threads` torch threads. With `out`: summary.json, examples.tsv
     (and adversarial.pt with save_adv). Returns the summary; its "table" has one row per way of
@@ -341,7 +344,7 @@ def attack(cfg: dict, settings: Attack, device, out: Path | None = None, allow_p
     examples under fresh randomness, beside it."""
     with torch_threads(settings.threads):
         return _attack(cfg, settings, device, out, allow_pickle, components, save_adv, echo, progress, resume, log,
-                       shard)
+                       shard, dist)
 
 
 def batch_line(rows: list[dict], total: int, seconds: float, run_here: int) -> str:
@@ -372,7 +375,7 @@ def save_adversarial(out: Path, dirs: list[Path], batches: dict[int, list[int]],
 
 
 def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_adv, echo, progress, resume,
-            log, shard) -> dict:
+            log, shard, dist) -> dict:
     t0 = time.time()
     device = torch.device(device)
     if device.type == "cuda":
@@ -395,57 +398,71 @@ def _attack(cfg, settings: Attack, device, out, allow_pickle, components, save_a
              f"deviated-reconstruction weight {s.dev_weight:g}")
     elif s.kind != "autoattack":
         echo(f"  {s.pgd_steps} steps of {s.step_size:.4g}, {s.eot} EOT draws ({s.eot_batch} per pass)")
-    record = runs.make_record(s.to_dict(), cfg, idx, shard, format=runs.ATTACK_FORMAT, device=str(device),
-                              resolved=defense.resolved, save_adv=save_adv)
-    own = runs.attack_batches(record)  # b -> its examples (a shard's: every n-th batch)
+    dist = dist or distributed.DistEnv()
+    if dist.active and shard is not None:
+        raise SdepureError("--shard and torchrun both split the batches; use one of them")
+    if (dist.active or resume) and out is None:
+        raise SdepureError("resuming or running under torchrun needs the run directory")
+
+    def record_for(part, world_size):
+        return runs.make_record(s.to_dict(), cfg, idx, part, world_size, format=runs.ATTACK_FORMAT,
+                                device=str(device), resolved=defense.resolved, save_adv=save_adv)
+
+    def reopen(run_dir, record):
+        if save_adv and not runs.load_record(run_dir, runs.ATTACK_FORMAT).get("save_adv"):
+            raise SdepureError(f"{run_dir} was started without --save-adv: its finished batches kept no adversarial "
+                               f"examples; resume it without --save-adv")
+        return runs.resume_attack(run_dir, record)
+
+    own_shard = runs.Shard(dist.rank, dist.world_size) if dist.active else shard
+    own = runs.attack_batches(record_for(own_shard, 1))  # b -> its examples (a shard's: every n-th batch)
     if s.fixed_randomness:  # each batch's disjoint-ball check, before anything is written
         for ib in own.values():
             diffattack.check_disjoint_balls(take(c.x, ib), ib, s.eps, s.norm)
-    done: list[dict] = []
-    if out is not None:
-        out = Path(out)
-        if resume:
-            if save_adv and not runs.load_record(out, runs.ATTACK_FORMAT).get("save_adv"):
-                raise SdepureError(f"{out} was started without --save-adv: its finished batches kept no adversarial "
-                                   f"examples; resume it without --save-adv")
-            done = runs.resume_attack(out, record)
-            echo(f"resuming {out}: {len({r['batch'] for r in done})} of {len(own)} batches done")
-        else:
-            report.check_out(out)
-            runs.start(out, record)
-    elif resume:
-        raise SdepureError("resuming needs the run directory")
-    finished = {r["batch"] for r in done}
-    rows, spent, run_here = list(done), 0.0, 0
-    total = sum(len(ib) for ib in own.values())
-    for b, ib in own.items():
-        if b in finished:
-            continue
-        t_batch = time.time()
-        batch_rows, x_adv = attack_batch(s, defense, take(c.x, ib).to(device), c.y[ib].to(device), ib, b, device,
-                                         progress)
-        rows += batch_rows
-        spent, run_here = spent + time.time() - t_batch, run_here + len(ib)
-        if log is not None:
-            log.write(batch_line(rows, total, spent, run_here) + "\n")
-            log.flush()
+    run_dir, done = None, []
+    try:
         if out is not None:
-            if save_adv:  # before the rows: a batch with rows has its examples
-                (out / "adv").mkdir(exist_ok=True)
-                torch.save(x_adv.cpu(), out / "adv" / f"batch-{b}.pt")
-            report.append_example_rows(out / report.EXAMPLES_FILE, batch_rows, s.fixed_randomness)
-    if out is not None:  # in example order, as an uninterrupted run wrote it
-        tmp = out / (report.EXAMPLES_FILE + ".tmp")
-        report.write_example_rows(tmp, sorted(rows, key=lambda r: r["idx"]), s.fixed_randomness)
-        os.replace(tmp, out / report.EXAMPLES_FILE)
-        if save_adv:
-            save_adversarial(out, [out], own, c.y)
-    summary = {"command": "attack", "attack": s.kind, "config": cfg["name"], "settings": s.to_dict(),
-               "device": str(device), "resolved": defense.resolved, "shard": str(shard) if shard else None,
-               **attack_summary(s, rows, peak_memory_mb(device))}
-    summary["wall_seconds"] = time.time() - t0
-    if out is not None:
-        report.write_json(out / "summary.json", summary)
+            out, run_dir, done = _open_run(Path(out), record_for, reopen, shard, dist, resume)
+            if resume:
+                echo(f"{dist.prefix}resuming {run_dir}: {len({r['batch'] for r in done})} of {len(own)} batches done")
+        finished = {r["batch"] for r in done}
+        rows, spent, run_here = list(done), 0.0, 0
+        total = sum(len(ib) for ib in own.values())
+        for b, ib in own.items():
+            if b in finished:
+                continue
+            t_batch = time.time()
+            batch_rows, x_adv = attack_batch(s, defense, take(c.x, ib).to(device), c.y[ib].to(device), ib, b,
+                                             device, progress)
+            rows += batch_rows
+            spent, run_here = spent + time.time() - t_batch, run_here + len(ib)
+            if log is not None:
+                log.write(dist.prefix + batch_line(rows, total, spent, run_here) + "\n")
+                log.flush()
+            if run_dir is not None:
+                if save_adv:  # before the rows: a batch with rows has its examples
+                    (run_dir / "adv").mkdir(exist_ok=True)
+                    torch.save(x_adv.cpu(), run_dir / "adv" / f"batch-{b}.pt")
+                report.append_example_rows(run_dir / report.EXAMPLES_FILE, batch_rows, s.fixed_randomness)
+        if run_dir is not None:  # in example order, as an uninterrupted run wrote it
+            tmp = run_dir / (report.EXAMPLES_FILE + ".tmp")
+            report.write_example_rows(tmp, sorted(rows, key=lambda r: r["idx"]), s.fixed_randomness)
+            os.replace(tmp, run_dir / report.EXAMPLES_FILE)
+            if save_adv:
+                save_adversarial(run_dir, [run_dir], own, c.y)
+        summary = {"command": "attack", "attack": s.kind, "config": cfg["name"], "settings": s.to_dict(),
+                   "device": str(device), "resolved": defense.resolved,
+                   "shard": str(own_shard) if own_shard else None, **attack_summary(s, rows, peak_memory_mb(device))}
+        summary["wall_seconds"] = time.time() - t0
+        if run_dir is not None:
+            report.write_json(run_dir / "summary.json", summary)
+        if dist.active:
+            distributed.barrier(dist)  # every shard is finished
+            if dist.is_main:
+                record, rows = runs.collect([out])
+                summary = _write_merged_attack(runs.expand([out]), out, record, rows, t0)
+    finally:
+        distributed.shutdown(dist)
     return summary
 
 

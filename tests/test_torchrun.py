@@ -1,6 +1,7 @@
 """`sdepure certify` under torchrun: 2 processes on the CPU (gloo), each certifying one shard,
 rank 0 merging; the result equals the single-process run row for row, also after a resume.
 The launch is the README's own command, so what the README tells users to type is what runs."""
+import json
 import os
 import re
 import shlex
@@ -35,14 +36,14 @@ def documented_launch():
     return words
 
 
-def torchrun(args, cwd):
-    """The documented torchrun --standalone (a free port of its own) command, 2 processes, certify ARGS."""
+def torchrun(args, cwd, command="certify"):
+    """The documented torchrun --standalone (a free port of its own) command, 2 processes, COMMAND ARGS."""
     script = Path(sys.executable).parent / "torchrun"
     launcher = [str(script)] if script.exists() else [sys.executable, "-m", "torch.distributed.run"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.run([*launcher, *documented_launch(), "certify", *args], cwd=cwd, env=env,
+    return subprocess.run([*launcher, *documented_launch(), command, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -102,3 +103,33 @@ def test_two_processes_equal_one_row_for_row_and_resume(tiny, tmp_path, run_cli)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert cells(run / "certify.tsv") == single
     assert runs.load_record(run)["world_size"] == 2
+
+
+def test_attack_under_two_processes_equals_one_process_and_resumes(tiny, tmp_path, run_cli):
+    """`sdepure attack` under torchrun: rank r attacks batches r, r+2, ...; rank 0 merges; the
+    examples and the summary equal the single-process run's (seconds and memory aside)."""
+    from sdepure import report
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in report.read_example_rows(run / "examples.tsv")]
+
+    args = ["--config", str(tiny), "--pgd", "--pgd-steps", "2", "--eot", "2", "--n-examples", "7", "--batch", "2",
+            "--score-draws", "2", "--eps", "0.1", "--seed", "3"]
+    code, _, err = run_cli("attack", *args, "--out", str(tmp_path / "single"))
+    assert code == 0, err
+    proc = torchrun([*args, "--out", str(tmp_path / "two")], cwd=tmp_path, command="attack")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "two"
+    assert rows(run) == rows(tmp_path / "single")
+    for r in (0, 1):
+        assert {x["batch"] for x in rows(run / f"shard-{r}-of-2")} == {b for b in range(4) if b % 2 == r}
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (run, tmp_path / "single"))
+    for key in ("scored_over_draws", "accuracy_after_each_attack", "max_perturbation", "robust_accuracy"):
+        assert a[key] == b[key], key
+    assert "[rank 1/2] shard 1/2 done" in proc.stdout
+    # as after a kill: rank 1's shard lost its rows, nothing merged yet
+    report.write_example_rows(run / "shard-1-of-2" / "examples.tsv", [], False)
+    (run / "summary.json").unlink()
+    proc = torchrun(["--resume", str(run)], cwd=tmp_path, command="attack")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rows(run) == rows(tmp_path / "single")
