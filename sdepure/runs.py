@@ -429,19 +429,13 @@ def collect(dirs) -> tuple[dict, list[dict]]:
             raise SdepureError(f"shard(s) {', '.join(missing)} missing: give all {counts[0]} shards of the run")
     if base["format"] == ATTACK_FORMAT:
         return _collect_attack(dirs, records)
-    rows_by_idx: dict[int, Path] = {}
-    rows = []
-    for d, rec in zip(dirs, records):
+    def finished_rows(d, rec):
         own = load_rows(d)
         if len(own) < len(rec["images"]):
             raise SdepureError(f"{d} is unfinished ({len(own)} of {len(rec['images'])} images); "
                                f"finish it with sdepure certify --resume {d}")
-        for r in own:
-            if r["idx"] in rows_by_idx:
-                raise SdepureError(f"image {r['idx']} appears in both {rows_by_idx[r['idx']]} and {d}")
-            rows_by_idx[r["idx"]] = d
-        rows.extend(own)
-    rows.sort(key=lambda r: r["idx"])
+        return own
+    rows = _gather(dirs, records, finished_rows, "image")
     images = sorted(i for rec in records for i in rec["images"])
     for s, rec in zip(shards, records):
         if s is not None and s.select(images) != sorted(rec["images"]):
@@ -450,12 +444,26 @@ def collect(dirs) -> tuple[dict, list[dict]]:
     return merged, rows
 
 
+def _gather(dirs: list[Path], records: list[dict], finished_rows, what: str) -> list[dict]:
+    """Every shard's rows (finished_rows(dir, record) refuses an unfinished one), no `what` in two
+    shards, sorted by idx."""
+    seen: dict[int, Path] = {}
+    rows = []
+    for d, rec in zip(dirs, records):
+        for r in finished_rows(d, rec):
+            if r["idx"] in seen:
+                raise SdepureError(f"{what} {r['idx']} appears in both {seen[r['idx']]} and {d}")
+            seen[r["idx"]] = d
+            rows.append(r)
+    return sorted(rows, key=lambda r: r["idx"])
+
+
 def _collect_attack(dirs: list[Path], records: list[dict]) -> tuple[dict, list[dict]]:
     """collect's rows for attack shards (each record holds the whole selection; a shard owns
     every n-th batch of it): every own batch finished, no example twice."""
     base = records[0]
-    rows, seen = [], {}
-    for d, rec in zip(dirs, records):
+
+    def finished_rows(d, rec):
         if rec["images"] != base["images"]:
             raise SdepureError(f"cannot merge {dirs[0]} and {d}: they attack different examples")
         own = attack_batches(rec)
@@ -464,10 +472,6 @@ def _collect_attack(dirs: list[Path], records: list[dict]) -> tuple[dict, list[d
         if finished != set(own):
             raise SdepureError(f"{d} is unfinished ({len(finished)} of {len(own)} batches); "
                                f"finish it with sdepure attack --resume {d}")
-        for r in have:
-            if r["idx"] in seen:
-                raise SdepureError(f"example {r['idx']} appears in both {seen[r['idx']]} and {d}")
-            seen[r["idx"]] = d
-        rows.extend(have)
-    rows.sort(key=lambda r: r["idx"])
+        return have
+    rows = _gather(dirs, records, finished_rows, "example")
     return {**base, "shard": None, "world_size": 1}, rows

@@ -40,3 +40,30 @@ def single_gaussian_pf_case():
     a = float(model.schedule.alpha_bar(t))
     x_t = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     return model, t, x_t, mu + s / math.sqrt(a * s * s + 1 - a) * (x_t - math.sqrt(a) * mu)
+
+
+def kill_9_after(command: list[str], watch, lines: int) -> int:
+    """Run `python -m sdepure_cli COMMAND...` (one OpenMP thread) and SIGKILL it as soon as the
+    file `watch` holds `lines` newlines (a header and whole rows); returns the exit code."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "sdepure_cli", *command], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300  # a loaded 2-core machine can take long to import torch
+        while time.time() < deadline and proc.poll() is None:
+            if watch.exists() and watch.read_bytes().count(b"\n") >= lines:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    return proc.returncode

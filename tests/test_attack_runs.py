@@ -1,16 +1,14 @@
 """Attack runs resume batch by batch: a real `sdepure attack` killed with SIGKILL mid-batch and
 resumed gives an uninterrupted run's examples.tsv and summary (seconds and memory aside)."""
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 from sdepure import report, runs
+
+from helpers import kill_9_after
 
 TIMING = {"seconds"}  # per-example columns that depend on the machine
 
@@ -41,24 +39,8 @@ ARGS = ["--pgd", "--pgd-steps", "3", "--eot", "2", "--n-examples", "8", "--batch
 def test_kill_9_mid_batch_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, run_cli):
     run = tmp_path / "killed"
     args = ["--config", str(tiny), *ARGS, "--pgd-steps", "40"]  # batches long enough to be killed inside one
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sdepure_cli", "attack", *args, "--out", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            tsv = run / "examples.tsv"
-            if tsv.exists() and tsv.read_bytes().count(b"\n") >= 3:  # header and the first batch
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, proc.stderr.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    # killed once the first batch's rows are on disk, inside the second batch
+    assert kill_9_after(["attack", *args, "--out", str(run)], run / "examples.tsv", 3) == -signal.SIGKILL
     done = report.read_example_rows(run / "examples.tsv")
     assert 2 <= len(done) < 8 and not (run / "summary.json").exists()
     with open(run / "examples.tsv", "a") as fh:  # a batch torn mid-write: one whole row of it and a half

@@ -4,9 +4,6 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -14,6 +11,8 @@ from sdepure import runs
 from sdepure.errors import SdepureError
 from sdepure.progress import Progress, format_seconds
 from sdepure.smoothing import format_row
+
+from helpers import kill_9_after
 
 SETTINGS = {"purifier": {"method": "densepure", "sigma": 0.5, "votes": 3}, "n0": 4, "n": 12, "seed": 0}
 CFG = {"name": "tiny", "source": "/x/tiny.toml", "model": {"family": "m", "weights": "/w.pt"},
@@ -367,24 +366,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny, tmp_path, run_cli)
     its certify.tsv equals an uninterrupted run's on idx label predict radius correct."""
     args = ["--config", str(tiny), "--stop", "16", "--n", "100", "--seed", "5"]
     run = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sdepure_cli", "certify", *args, "--out", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.time() + 300  # a loaded 2-core machine can take long to import torch
-        while time.time() < deadline and proc.poll() is None:
-            tsv = run / "certify.tsv"
-            if tsv.exists() and tsv.read_bytes().count(b"\n") >= 2:  # header and one complete row
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, proc.stderr.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    # killed once the header and one complete row are on disk
+    assert kill_9_after(["certify", *args, "--out", str(run)], run / "certify.tsv", 2) == -signal.SIGKILL
     rows, _, _ = runs.read_rows(run / "certify.tsv")
     assert 1 <= len(rows) < 16, len(rows)  # killed mid-run
     assert not (run / "summary.json").exists() and (run / "run.json").exists()  # summary only at the end
