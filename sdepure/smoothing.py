@@ -30,6 +30,7 @@ import torch
 from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
 
+from .brownian import Streams
 from .errors import SdepureError
 from .rng import Batch, Draws, Smoothing, derive_seed
 
@@ -173,12 +174,48 @@ class Smooth:
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch: int, seed: int) -> int:
         """Cohen's PREDICT: abstain unless the top label beats the runner-up at level alpha."""
         check_params(self.sigma, alpha, 1, n, batch)
-        counts = self.sample_counts(x, n, batch, derive_seed(seed, Smoothing.PREDICT))
-        top2 = counts.argsort()[::-1][:2]
-        n_a, n_b = int(counts[top2[0]]), int(counts[top2[1]])
-        if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha:
-            return ABSTAIN
-        return int(top2[0])
+        return _decide(self.sample_counts(x, n, batch, derive_seed(seed, Smoothing.PREDICT)), alpha)
+
+    def predict_many(self, xs: torch.Tensor, n: int, alpha: float, batch: int, seeds, rows: int | None = None) -> list[int]:
+        """PREDICT of each input xs[p] under seeds[p]: the labels predict(xs[p], n, alpha, batch,
+        seeds[p]) gives, from the same draws (counts_many), many inputs per call of the base."""
+        check_params(self.sigma, alpha, 1, n, batch)
+        return [_decide(c, alpha) for c in self.counts_many(xs, n, batch, [derive_seed(int(s), Smoothing.PREDICT)
+                                                                          for s in seeds], rows)]
+
+    def counts_many(self, xs: torch.Tensor, num: int, batch: int, seeds, rows: int | None = None) -> np.ndarray:
+        """(inputs, classes): sample_counts(xs[p], num, batch, seeds[p]) for every p, with the noisy
+        copies of many inputs in one call of the base classifier (at most `rows` rows, default
+        batch; at least one input's block). The base classifier must take a brownian.Streams
+        address (Defense.predict does): row j of input p's block b draws from
+        (derive_seed(seeds[p], b, BASE), row j), as in sample_counts."""
+        if xs.dim() < 2 or len(seeds) != xs.shape[0]:
+            raise SdepureError(f"batched PREDICT takes a batch of inputs and one seed each; got {tuple(xs.shape)} "
+                               f"inputs and {len(seeds)} seeds")
+        counts = np.zeros((xs.shape[0], self.num_classes), dtype=np.int64)
+        for start in range(0, num, batch):
+            b, m = start // batch, min(batch, num - start)
+            group = max(1, (rows or batch) // m)
+            for p0 in range(0, xs.shape[0], group):
+                ps = range(p0, min(p0 + group, xs.shape[0]))
+                noisy = torch.cat([xs[p].unsqueeze(0) + self.sigma * self.draws.randn(
+                    (m, *xs.shape[1:]), derive_seed(seeds[p], b, Batch.NOISE), xs.device, xs.dtype) for p in ps])
+                address = Streams(tuple(derive_seed(seeds[p], b, Batch.BASE) for p in ps for _ in range(m)),
+                                  tuple(range(m)) * len(ps), m)
+                labels = self.base(noisy, address).cpu().numpy().reshape(len(ps), m)
+                for k, p in enumerate(ps):
+                    counts[p] += np.bincount(labels[k], minlength=self.num_classes)
+        return counts
+
+
+def _decide(counts: np.ndarray, alpha: float) -> int:
+    """PREDICT's decision from the label counts: the top label if it beats the runner-up in a
+    two-sided binomial test at level alpha, else ABSTAIN."""
+    top2 = counts.argsort()[::-1][:2]
+    n_a, n_b = int(counts[top2[0]]), int(counts[top2[1]])
+    if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha:
+        return ABSTAIN
+    return int(top2[0])
 
 
 def format_row(row: dict, cost: bool = True) -> str:
