@@ -475,3 +475,18 @@ def _collect_attack(dirs: list[Path], records: list[dict]) -> tuple[dict, list[d
         return have
     rows = _gather(dirs, records, finished_rows, "example")
     return {**base, "shard": None, "world_size": 1}, rows
+
+
+def certified_curve(run_dir: Path) -> tuple[str, list[float], list[int]]:
+    """(label, radius, correct) of a finished certify run directory (any sdepure run: CIFAR-10,
+    ImageNet, a merged or torchrun run), to draw several runs together with report.plot_curve.
+    The label names the method, its votes and solver where it has them, and sigma."""
+    record = load_record(run_dir)
+    rows = load_rows(run_dir)
+    if len(rows) < len(record["images"]):
+        raise SdepureError(f"{run_dir} is unfinished ({len(rows)} of {len(record['images'])} images); "
+                           f"finish it with sdepure certify --resume {run_dir}")
+    p = record["settings"]["purifier"]
+    label = p["method"] + (f" K={p['votes']}" if p["method"] == "densepure" else "")
+    label += f" {p['solver']} b={p['steps']}" if p["method"] in ("diffpure", "densepure") else ""
+    return f"{label}, sigma {p['sigma']:g}", [r["radius"] for r in rows], [r["correct"] for r in rows]

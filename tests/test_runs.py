@@ -593,3 +593,28 @@ def test_shard_under_torchrun_and_bad_torchrun_environment_are_refused(tiny, tmp
     monkeypatch.delenv("MASTER_ADDR")
     cli_error("MASTER_ADDR", "certify", "--config", str(tiny), "--out", str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_certified_curves_read_from_run_directories(tiny, tmp_path, run_cli):
+    """Several runs' curves, read back from their directories with the library's reader, give the
+    certified accuracy each run's summary reports, and draw as one PNG."""
+    import numpy as np
+
+    from sdepure import report
+
+    curves = {}
+    for method in ("none", "carlini"):
+        run = tmp_path / method
+        certify_ok(run_cli, "--config", str(tiny), "--method", method, "--out", str(run), "--stop", "3")
+        label, radius, correct = runs.certified_curve(run)
+        assert label.startswith(method) and "sigma" in label
+        summary = json.loads((run / "summary.json").read_text())
+        radii = [float(r) for r in summary["certified_accuracy"]]
+        assert report.certified_accuracy(np.array(radius), np.array(correct), radii) == \
+            pytest.approx(list(summary["certified_accuracy"].values()))
+        curves[label] = (np.array(radius), np.array(correct))
+    report.plot_curve(tmp_path / "curves.png", curves, "tiny")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "none" / "certify.tsv").write_text((tmp_path / "none" / "certify.tsv").read_text().splitlines()[0] + "\n")
+    with pytest.raises(SdepureError, match="unfinished"):
+        runs.certified_curve(tmp_path / "none")
