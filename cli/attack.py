@@ -3,13 +3,11 @@ classifier, with fresh or fixed randomness."""
 from __future__ import annotations
 
 import sys
-
-import click
-from tqdm import tqdm
-
 from pathlib import Path
 
+import click
 from click.core import ParameterSource
+from tqdm import tqdm
 
 from sdepure import distributed, experiments, runs
 from sdepure.config import load_config

@@ -17,9 +17,9 @@ Gradient modes (through the reverse process):
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -83,13 +83,21 @@ def score_defense(model, x: torch.Tensor, y: torch.Tensor, draws: int, seed: int
         for i in range(0, x.shape[0], batch):
             preds[i:i + batch, d] = model.predict(x[i:i + batch], derive_seed(seed, d, i)).cpu()
     right = preds == y.cpu()[:, None]
-    share = right.double().mean(1)  # per example: the share of draws right
+    share = right.double().mean(1).tolist()  # per example: the share of draws right
+    maj = (majority_vote(preds, model.num_classes) == y.cpu()).tolist()
+    every = right.all(1).tolist()
+    return {**aggregate_scores(share, maj, every, draws),
+            "per_example": {"single": share, "majority": maj, "any_of_n": every}}
+
+
+def aggregate_scores(share, majority, any_of_n, draws: int) -> dict:
+    """score_defense's figures from per-example values (the share of draws right, majority right,
+    right in all N): the single-draw accuracy with its standard error over the examples, the
+    majority and any-of-N accuracies. Also what an attack run's summary is computed from."""
     n = len(share)
-    se = float(share.std(unbiased=True) / math.sqrt(n)) if n > 1 else None  # JSON null, not NaN
-    maj = majority_vote(preds, model.num_classes) == y.cpu()
-    return {"single": float(share.mean()), "single_se": se, "majority": float(maj.double().mean()),
-            "any_of_n": float(right.all(1).double().mean()), "draws": draws,
-            "per_example": {"single": share.tolist(), "majority": maj.tolist(), "any_of_n": right.all(1).tolist()}}
+    se = float(np.std(share, ddof=1) / np.sqrt(n)) if n > 1 else None  # JSON null, not NaN
+    return {"single": float(np.mean(share)), "single_se": se, "majority": float(np.mean(majority)),
+            "any_of_n": float(np.mean(any_of_n)), "draws": draws}
 
 
 def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:

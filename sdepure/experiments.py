@@ -290,10 +290,6 @@ def certified_table(summary: dict) -> str:
 
 # -- attacks ------------------------------------------------------------------------------
 
-def _batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
 @contextlib.contextmanager
 def torch_threads(threads: int | None):
     """torch's intra-op thread count set to `threads` for the duration (None: left alone), then
@@ -521,17 +517,10 @@ def attack_batch(s: Attack, defense: Defense, x: torch.Tensor, y: torch.Tensor, 
     return rows, x_adv
 
 
-def _aggregate(share: list[float], majority: list[int], any_of_n: list[int], draws: int) -> dict:
-    """score_defense's aggregates from per-example values."""
-    n = len(share)
-    se = float(np.std(share, ddof=1) / np.sqrt(n)) if n > 1 else None  # JSON null, not NaN
-    return {"single": float(np.mean(share)), "single_se": se, "majority": float(np.mean(majority)),
-            "any_of_n": float(np.mean(any_of_n)), "draws": draws}
-
-
 def _scored(rows: list[dict], prefix: str, draws: int) -> dict:
-    return _aggregate([r[f"{prefix}_draws_correct"] for r in rows], [r[f"{prefix}_majority_correct"] for r in rows],
-                      [r[f"{prefix}_any_of_n_correct"] for r in rows], draws)
+    return attacks.aggregate_scores([r[f"{prefix}_draws_correct"] for r in rows],
+                                    [r[f"{prefix}_majority_correct"] for r in rows],
+                                    [r[f"{prefix}_any_of_n_correct"] for r in rows], draws)
 
 
 def attack_summary(s: Attack, rows: list[dict], peak_mb: float) -> dict:
@@ -560,7 +549,7 @@ def attack_summary(s: Attack, rows: list[dict], peak_mb: float) -> dict:
     }
     if s.fixed_randomness:
         right = {k: [r[f"fixed_{k}_correct"] for r in rows] for k in ("clean", "adv")}
-        fixed = {k: _aggregate(v, v, v, 1) for k, v in right.items()}  # one draw: all three agree
+        fixed = {k: attacks.aggregate_scores(v, v, v, 1) for k, v in right.items()}  # one draw: all three agree
         scores["fixed"] = (fixed["clean"], fixed["adv"])
         summary["scored_fixed_randomness"] = {"clean": fixed["clean"], "adversarial": fixed["adv"]}
     summary["table"] = attack_table(what, scores, seconds, peak_mb)

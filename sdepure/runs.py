@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SdepureError
 from . import report
+from .errors import SdepureError
 from .report import TSV_HEADER, TSV_HEADER_COST
 from .settings import Attack, Certify
 from .smoothing import format_row
@@ -41,6 +41,10 @@ CONFIG_TABLES = ("model", "classifier", "data")  # the config tables that decide
 # what must agree to resume a run (all of them) or to merge shards (all but shard and images)
 RESUME_KEYS = ("world_size", "shard", "settings", "config", "images", "resolved")
 MERGE_KEYS = ("settings", "config", "resolved")
+
+
+def _a(command: str) -> str:
+    return ("an " if command[0] in "aeiou" else "a ") + command
 
 
 # -- shards ---------------------------------------------------------------------------------
@@ -146,7 +150,7 @@ def load_record(run_dir: Path, format: str | None = FORMAT) -> dict:
     if not isinstance(record, dict) or record.get("format") not in KINDS:
         raise SdepureError(f"{path} is not a sdepure {command} run record")
     if format and record["format"] != format:
-        raise SdepureError(f"{run_dir} is a sdepure {KINDS[record['format']][0]} run, not a {command} run; "
+        raise SdepureError(f"{run_dir} is a sdepure {KINDS[record['format']][0]} run, not {_a(command)} run; "
                            f"nothing was changed")
     if record.get("version") != VERSION:
         raise SdepureError(f"{path} has run-record version {record.get('version')}; "
@@ -340,6 +344,16 @@ def attack_batches(record: dict) -> dict[int, list[int]]:
     return {b: ids for b, ids in batches.items() if shard is None or b % shard.count == shard.index}
 
 
+def finished_batch_rows(record: dict, rows: list[dict]) -> list[dict]:
+    """The rows of the record's own batches that hold exactly their examples (a batch cut short
+    by a kill, or another shard's, is left out), batch by batch."""
+    have: dict[int, list[dict]] = {}
+    for r in rows:
+        have.setdefault(r["batch"], []).append(r)
+    return [r for b, ids in attack_batches(record).items() if [r["idx"] for r in have.get(b, [])] == ids
+            for r in have[b]]
+
+
 def resume_attack(run_dir: Path, record: dict) -> list[dict]:
     """Check that `run_dir` is an attack run with exactly the settings in `record` and return the
     rows of its finished batches; examples.tsv is rewritten (atomically) to hold just those, so a
@@ -347,12 +361,7 @@ def resume_attack(run_dir: Path, record: dict) -> list[dict]:
     run_dir = Path(run_dir)
     check_resumable(run_dir, load_record(run_dir, ATTACK_FORMAT), record)
     path = run_dir / report.EXAMPLES_FILE
-    rows = report.read_example_rows(path) if path.exists() else []
-    have = {}
-    for r in rows:
-        have.setdefault(r["batch"], []).append(r)
-    done = [r for b, ids in attack_batches(record).items() if [r["idx"] for r in have.get(b, [])] == ids
-            for r in have[b]]
+    done = finished_batch_rows(record, report.read_example_rows(path) if path.exists() else [])
     fixed = record["settings"]["fixed_randomness"]
     tmp = path.with_name(path.name + ".tmp")
     report.write_example_rows(tmp, done, fixed)
@@ -364,6 +373,15 @@ def pending(record: dict, done: list[dict]) -> list[int]:
     """The record's images without a row yet, in the record's order."""
     have = {r["idx"] for r in done}
     return [i for i in record["images"] if i not in have]
+
+
+def finished_rows(run_dir: Path, record: dict) -> list[dict]:
+    """load_rows of a run that must be finished (merging, plotting): an unfinished one is refused."""
+    rows = load_rows(run_dir)
+    if len(rows) < len(record["images"]):
+        raise SdepureError(f"{run_dir} is unfinished ({len(rows)} of {len(record['images'])} images); "
+                           f"finish it with sdepure certify --resume {run_dir}")
+    return rows
 
 
 def load_rows(run_dir: Path) -> list[dict]:
@@ -403,8 +421,8 @@ def collect(dirs) -> tuple[dict, list[dict]]:
     first, base = dirs[0], records[0]
     for d, rec in zip(dirs[1:], records[1:]):
         if rec["format"] != base["format"]:
-            raise SdepureError(f"cannot merge {first} and {d}: one is a {KINDS[base['format']][0]} run, the other "
-                               f"a {KINDS[rec['format']][0]} run")
+            raise SdepureError(f"cannot merge {first} and {d}: one is {_a(KINDS[base['format']][0])} run, the other "
+                               f"{_a(KINDS[rec['format']][0])} run")
         diff = differences(base, rec, MERGE_KEYS)
         if diff:
             name, a, b = diff[0]
@@ -429,12 +447,6 @@ def collect(dirs) -> tuple[dict, list[dict]]:
             raise SdepureError(f"shard(s) {', '.join(missing)} missing: give all {counts[0]} shards of the run")
     if base["format"] == ATTACK_FORMAT:
         return _collect_attack(dirs, records)
-    def finished_rows(d, rec):
-        own = load_rows(d)
-        if len(own) < len(rec["images"]):
-            raise SdepureError(f"{d} is unfinished ({len(own)} of {len(rec['images'])} images); "
-                               f"finish it with sdepure certify --resume {d}")
-        return own
     rows = _gather(dirs, records, finished_rows, "image")
     images = sorted(i for rec in records for i in rec["images"])
     for s, rec in zip(shards, records):
@@ -466,9 +478,9 @@ def _collect_attack(dirs: list[Path], records: list[dict]) -> tuple[dict, list[d
     def finished_rows(d, rec):
         if rec["images"] != base["images"]:
             raise SdepureError(f"cannot merge {dirs[0]} and {d}: they attack different examples")
-        own = attack_batches(rec)
         have = report.read_example_rows(Path(d) / report.EXAMPLES_FILE)
-        finished = {b for b, ids in own.items() if [r["idx"] for r in have if r["batch"] == b] == ids}
+        finished = {r["batch"] for r in finished_batch_rows(rec, have)}
+        own = attack_batches(rec)
         if finished != set(own):
             raise SdepureError(f"{d} is unfinished ({len(finished)} of {len(own)} batches); "
                                f"finish it with sdepure attack --resume {d}")
@@ -482,10 +494,7 @@ def certified_curve(run_dir: Path) -> tuple[str, list[float], list[int]]:
     ImageNet, a merged or torchrun run), to draw several runs together with report.plot_curve.
     The label names the method, its votes and solver where it has them, and sigma."""
     record = load_record(run_dir)
-    rows = load_rows(run_dir)
-    if len(rows) < len(record["images"]):
-        raise SdepureError(f"{run_dir} is unfinished ({len(rows)} of {len(record['images'])} images); "
-                           f"finish it with sdepure certify --resume {run_dir}")
+    rows = finished_rows(run_dir, record)
     p = record["settings"]["purifier"]
     label = p["method"] + (f" K={p['votes']}" if p["method"] == "densepure" else "")
     label += f" {p['solver']} b={p['steps']}" if p["method"] in ("diffpure", "densepure") else ""

@@ -72,7 +72,7 @@ def test_attack_resume_refusals_change_nothing(tiny, tmp_path, run_cli, cli_erro
     if case == "certify run":
         code, _, err = run_cli("certify", "--config", str(tiny), "--out", str(run))
         assert code == 0, err
-        needle, extra = "is a sdepure certify run, not a attack run", []
+        needle, extra = "is a sdepure certify run, not an attack run", []
     elif case == "not a run":
         run.mkdir()
         (run / "notes.txt").write_text("x")
@@ -144,7 +144,7 @@ def test_attack_merge_refusals(tiny, tmp_path, run_cli, cli_error, case):
         code, _, err = run_cli("certify", "--config", str(tiny), "--out", str(tmp_path / "c"))
         assert code == 0, err
         dirs.append(tmp_path / "c")
-        needle = "one is a attack run, the other a certify run"
+        needle = "one is an attack run, the other a certify run"
     else:
         extra = ["--eps", "0.2"] if case == "other settings" else []
         _ok(run_cli, *args, *extra, "--shard", "1/2", "--out", str(tmp_path / "s1"))
@@ -157,3 +157,9 @@ def test_attack_merge_refusals(tiny, tmp_path, run_cli, cli_error, case):
             needle = "setting eps differs (0.1 against 0.2)"
     cli_error(needle, "merge", *map(str, dirs), "--out", str(tmp_path / "m"))
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("shard,needle", [("3/2", "shard index must be < 2"), ("x", "--shard")])
+def test_attack_bad_shard_is_one_line_and_writes_nothing(tiny, tmp_path, cli_error, shard, needle):
+    cli_error(needle, "attack", "--config", str(tiny), *ARGS, "--shard", shard, "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
