@@ -255,6 +255,11 @@ class Defense(nn.Module):
         purified = self.purify(_rows(x_noisy, len(runs)), streams.runs(runs, self.votes))
         return self.classify(purified).reshape(len(runs), x_noisy.shape[0], -1)
 
+    def logits(self, x_noisy: torch.Tensor, streams: Streams) -> torch.Tensor:
+        """(B, classes) the differentiable counterpart of predict: the mean of the K runs' logits
+        of noisy inputs (what an attack differentiates, as in forward), graph as solver_grad says."""
+        return self.run_logits(x_noisy, streams, range(self.votes)).mean(0)
+
     def pair_labels(self, x_noisy: torch.Tensor, streams: Streams, inputs: torch.Tensor,
                     runs: torch.Tensor) -> torch.Tensor:
         """(len(inputs),) the labels of run runs[j] of row inputs[j] of x_noisy, in one solve. Each

@@ -1,15 +1,36 @@
-"""Robust regions on 2-D slices of input space: the plane through an input x spanned by a chosen
-direction u (e.g. toward the nearest adversarial example) and a random direction v orthogonal to
-it, a grid on that plane, and the smoothed classifier's PREDICT on every grid point, batched over
-grid points and noise draws (Smooth.predict_many: one defense call for many points).
+"""Robust regions of a smoothed classifier g, seen two ways.
+
+Slices: the plane through an input x spanned by a chosen direction u (e.g. toward the nearest
+adversarial example) and a random direction v orthogonal to it, a grid on that plane, and g's
+PREDICT on every grid point, batched over grid points and noise draws (Smooth.predict_many: one
+defense call for many points).
+
+The nearest change: an upper bound on how far g's prediction holds, to set beside CERTIFY's lower
+bound. An attack on the Monte Carlo soft classifier G(x) = E softmax(F(x + sigma z)) (Salman et
+al. 2019), by decoupled direction and norm (DDN, Rony et al. 2019), gives a direction; a search
+along it with PREDICT finds where g returns another class (an abstention is no change), and one
+fresh, independently seeded PREDICT confirms the final point: the many PREDICTs of the search can
+each err with probability alpha, the confirmation is one test at a point fixed before its draws.
+So a certified radius above a confirmed distance needs CERTIFY (alpha_C) or the confirmation
+(alpha_P) to have failed: across inputs at most Binomial(inputs, alpha_C + alpha_P) of them
+(against_diagonal). Points are not clipped to the image range: the certificate holds in all of R^d.
 """
 from __future__ import annotations
 
-import torch
+import math
+from typing import Callable
 
+import numpy as np
+import torch
+from scipy.stats import binom
+
+from .brownian import Streams
 from .errors import SdepureError
-from .rng import derive_seed, generator
-from .smoothing import Smooth
+from .rng import Batch, Draws, Search, derive_seed, generator
+from .smoothing import ABSTAIN, Smooth
+
+Logits = Callable[[torch.Tensor, Streams], torch.Tensor]  # (noisy batch, rows' address) -> differentiable logits
+STATUSES = ("confirmed", "not confirmed", "none found")
 
 
 def slice_plane(x: torch.Tensor, direction: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,3 +72,167 @@ def decision_map(smooth: Smooth, x: torch.Tensor, u: torch.Tensor, v: torch.Tens
     points, _ = grid(x, u, v, extent, size)
     labels = smooth.predict_many(points, n, alpha, batch, [derive_seed(seed, i) for i in range(len(points))], rows)
     return torch.tensor(labels).reshape(size, size)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def soft_smoothed(logits_of: Logits, draws: Draws, xs: torch.Tensor, sigma: float, m: int, seeds) -> torch.Tensor:
+    """(inputs, classes) the Monte Carlo soft smoothed classifier: the mean over m draws z of
+    softmax(logits_of(x + sigma z)). Input p's noise is derive_seed(seeds[p], NOISE) and its rows
+    are addressed (derive_seed(seeds[p], BASE), j), whatever inputs share the call."""
+    noise = torch.stack([draws.randn((m, *xs.shape[1:]), derive_seed(s, Batch.NOISE), xs.device, xs.dtype)
+                         for s in seeds])
+    noisy = (xs.unsqueeze(1) + sigma * noise).reshape(-1, *xs.shape[1:])
+    address = Streams(tuple(derive_seed(s, Batch.BASE) for s in seeds for _ in range(m)), tuple(range(m)) * len(seeds), m)
+    return logits_of(noisy, address).softmax(-1).reshape(len(seeds), m, -1).mean(1)
+
+
+def attack_soft(logits_of: Logits, draws: Draws, xs: torch.Tensor, labels: torch.Tensor, sigma: float, seeds,
+                toward: bool = False, steps: int = 40, m: int = 16, step: float = 0.5, init_norm: float = 1.0,
+                gamma: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDN on the soft smoothed classifier: each step ascends the log-probability of labels[p]
+    (toward) or its negative along the normalised gradient, then rescales the perturbation to a norm
+    eps that shrinks by (1 - gamma) where the soft classifier's top class has already left labels[p]
+    (toward: become labels[p]) and grows by (1 + gamma) where not; fresh noise every step.
+    Returns (perturbations, norms): the smallest perturbation at which that happened, norm inf
+    and the last perturbation where it never did."""
+    if xs.dim() < 2 or labels.shape != (xs.shape[0],) or len(seeds) != xs.shape[0]:
+        raise SdepureError(f"the attack takes a batch of inputs with one label and one seed each; got inputs "
+                           f"{tuple(xs.shape)}, labels {tuple(labels.shape)}, {len(seeds)} seeds")
+    labels = labels.to(xs.device)
+    delta = torch.zeros_like(xs, requires_grad=True)
+    eps = torch.full((xs.shape[0],), float(init_norm), dtype=xs.dtype, device=xs.device)
+    best = torch.full_like(eps, math.inf)
+    best_delta = torch.zeros_like(xs)
+    for k in range(steps):
+        with torch.enable_grad():
+            probs = soft_smoothed(logits_of, draws, xs + delta, sigma, m, [derive_seed(s, Search.SOFT, k) for s in seeds])
+            logp = probs.clamp_min(1e-30).log().gather(1, labels[:, None])[:, 0]
+            (grad,) = torch.autograd.grad((logp if toward else -logp).sum(), delta)
+        with torch.no_grad():
+            top = probs.argmax(1)
+            done = top == labels if toward else top != labels
+            norms = _flat(delta).norm(dim=1)
+            better = done & (norms < best)
+            best = torch.where(better, norms, best)
+            best_delta[better] = delta[better]
+            eps = torch.where(done, eps * (1 - gamma), eps * (1 + gamma))
+            g = _flat(grad)
+            g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            d = _flat(delta) + step * 0.5 * (1 + math.cos(math.pi * k / steps)) * g  # DDN's cosine schedule
+            d = d * (eps / d.norm(dim=1).clamp_min(1e-12))[:, None]
+        delta = d.reshape(xs.shape).requires_grad_(True)
+    never = torch.isinf(best)
+    best_delta[never] = delta.detach()[never]
+    return best_delta, best
+
+
+def search_along(smooth: Smooth, xs: torch.Tensor, labels, directions: torch.Tensor, start, max_radius: float,
+                 n: int, alpha: float, batch: int, seeds, rounds: int = 8, grow: float = 1.5,
+                 rows: int | None = None, search_alpha: float | None = None) -> list[dict]:
+    """For each input x_p, unit direction u_p: the distance t along u_p at which PREDICT (n draws,
+    level alpha) returns a class other than labels[p] (an abstention is no change). From start[p]
+    the distance grows by `grow` up to max_radius until PREDICT changes (else "none found"), then
+    `rounds` bisection steps, then one fresh PREDICT at the final point ("confirmed" if it too
+    returns another class, else "not confirmed"). The search's PREDICTs run at the stricter
+    search_alpha (default alpha / 100): the bisection ends where they change about half the time,
+    where PREDICT at alpha mostly changes, so most final points confirm. Every step is one predict_many over all inputs
+    still searching; input p's k-th PREDICT draws under derive_seed(seeds[p], SEARCH, k) and the
+    confirmation under derive_seed(seeds[p], CONFIRM), so no result depends on the other inputs.
+    Rows: distance (the final point's t; an upper bound when confirmed), lower (the largest t seen
+    without a change), status, label (the confirmation's PREDICT), predicts (PREDICT calls)."""
+    search_alpha = alpha / 100 if search_alpha is None else search_alpha
+    if not max_radius > 0:
+        raise SdepureError(f"the search radius must be > 0, got {max_radius}")
+    count = xs.shape[0]
+    labels = [int(c) for c in labels]
+    if directions.shape != xs.shape or len(labels) != count or len(seeds) != count or len(start) != count:
+        raise SdepureError(f"the search takes one direction, label, seed and start per input; got inputs "
+                           f"{tuple(xs.shape)}, directions {tuple(directions.shape)}, {len(labels)} labels, "
+                           f"{len(seeds)} seeds, {len(start)} starts")
+    lo = [0.0] * count
+    hi = [min(float(t), max_radius) if math.isfinite(float(t)) and float(t) > 0 else max_radius for t in start]
+    calls = [0] * count
+    out = [{"distance": None, "lower": 0.0, "status": "none found", "label": ABSTAIN, "predicts": 0}
+           for _ in range(count)]
+
+    def changed(ps, ts, tag=None):
+        points = torch.stack([xs[p] + t * directions[p] for p, t in zip(ps, ts)])
+        level = alpha if tag else search_alpha
+        got = smooth.predict_many(points, n, level, batch, [derive_seed(seeds[p], *(tag or (Search.SEARCH, calls[p])))
+                                                            for p in ps], rows)
+        for p in ps:
+            calls[p] += 1
+        return [(g != labels[p] and g != ABSTAIN, g) for p, g in zip(ps, got)]
+
+    todo, found = list(range(count)), []
+    while todo:  # bracket: grow until PREDICT changes or the search radius is reached
+        later = []
+        for p, (c, _) in zip(todo, changed(todo, [hi[p] for p in todo])):
+            if c:
+                found.append(p)
+            elif hi[p] < max_radius:
+                lo[p], hi[p] = hi[p], min(hi[p] * grow, max_radius)
+                later.append(p)
+            else:
+                lo[p] = hi[p]
+        todo = later
+    for _ in range(rounds if found else 0):
+        mids = [(lo[p] + hi[p]) / 2 for p in found]
+        for p, t, (c, _) in zip(found, mids, changed(found, mids)):
+            lo[p], hi[p] = (lo[p], t) if c else (t, hi[p])
+    confirm = changed(found, [hi[p] for p in found], (Search.CONFIRM,)) if found else []
+    for p, (c, g) in zip(found, confirm):
+        out[p].update(distance=hi[p], status="confirmed" if c else "not confirmed", label=int(g))
+    for p in range(count):
+        out[p].update(lower=lo[p], predicts=calls[p])
+    return out
+
+
+def nearest_change(smooth: Smooth, logits_of: Logits, xs: torch.Tensor, labels, seeds, max_radius: float,
+                   n: int, alpha: float, batch: int, targets=None, steps: int = 40, m: int = 16,
+                   rounds: int = 8, rows: int | None = None, **ddn) -> tuple[torch.Tensor, list[dict]]:
+    """(unit directions, search_along's rows, each with soft_norm: the attack's norm, inf where the
+    soft classifier never changed) for inputs xs whose smoothed prediction is labels[p]. The
+    attack (attack_soft on `logits_of`, e.g. Defense.logits, with smooth's sigma and draws) moves
+    away from labels[p], or toward targets[p] when given (a misclassified image's true class);
+    the search along its direction starts at the attack's norm and stops at any class but
+    labels[p]. Input p's randomness all descends from seeds[p]."""
+    labels = torch.as_tensor([int(c) for c in labels], device=xs.device)
+    toward = targets is not None
+    goal = torch.as_tensor([int(c) for c in targets], device=xs.device) if toward else labels
+    deltas, norms = attack_soft(logits_of, smooth.draws, xs, goal, smooth.sigma, seeds, toward, steps, m, **ddn)
+    length = _flat(deltas).norm(dim=1)
+    if not bool((length > 0).all()):
+        raise SdepureError("the attack left an input unperturbed; raise steps or init_norm")
+    directions = deltas / length.reshape(-1, *([1] * (xs.dim() - 1)))
+    found = search_along(smooth, xs, labels.tolist(), directions, norms.tolist(), max_radius, n, alpha, batch,
+                         seeds, rounds, rows=rows)
+    for row, norm in zip(found, norms.tolist()):
+        row["soft_norm"] = norm
+    return directions, found
+
+
+def against_diagonal(radii, rows: list[dict], alpha_certify: float, alpha_predict: float, level: float = 1e-6) -> dict:
+    """Certified radii (0: abstained) against the searches' rows, one each. Checked: certified and
+    confirmed. above: checked inputs whose radius exceeds the confirmed distance, each needing
+    CERTIFY or the confirmation to have failed; allowed: the count Binomial(checked, alpha_certify
+    + alpha_predict) exceeds with probability at most `level`. median_ratio: of radius to distance
+    over the checked inputs (1: the certificate is tight; it is how loose it is)."""
+    if len(radii) != len(rows):
+        raise SdepureError(f"{len(radii)} radii for {len(rows)} searches")
+    radii = np.asarray(radii, dtype=float)
+    certified = radii > 0
+    confirmed = np.array([r["status"] == "confirmed" for r in rows], dtype=bool)
+    checked = certified & confirmed
+    distance = np.array([r["distance"] if r["distance"] is not None else np.nan for r in rows], dtype=float)
+    above = checked & (radii > distance)
+    allowed = int(binom.isf(level, int(checked.sum()), alpha_certify + alpha_predict)) if checked.any() else 0
+    ratio = radii[checked] / distance[checked]
+    return {"inputs": len(rows), "certified": int(certified.sum()), "checked": int(checked.sum()),
+            "above": int(above.sum()), "allowed": allowed, "level": level,
+            "none_found": int((certified & np.array([r["status"] == "none found" for r in rows])).sum()),
+            "not_confirmed": int((certified & np.array([r["status"] == "not confirmed" for r in rows])).sum()),
+            "median_ratio": float(np.median(ratio)) if len(ratio) else None}

@@ -25,6 +25,8 @@ the selection).
                     -> AttackPhase.FIXED -> example i  derive_seed(phase, i)  (a draw seed)
                     -> AttackPhase.OPTIMISE, batch b  derive_seed(seed, OPTIMISE, b); AutoAttack's
                        seed (pyautoattack reseeds torch's generators with it at each attack)
+    search seed (an input of regions.nearest_change) -> Search.SOFT step k -> Batch.NOISE / BASE
+                                                     -> Search.SEARCH round r, Search.CONFIRM  (PREDICT seeds)
     draw seed (one call of the defense) -> Draw.FORWARD (forward noise to t*), Draw.PATH
       path -> K > 1: run k's stream                  derive_seed(path, k)
               K = 1: the path is the stream itself
@@ -75,6 +77,15 @@ class AttackPhase(IntEnum):
     SCORE_ADV = 5
     FIXED = 6           # fixed randomness: example i's draw seed is derive_seed(phase, i)
     CALLS = 7           # the attacked model's calls during optimisation
+
+
+@unique
+class Search(IntEnum):
+    """The search for an input's nearest change of a smoothed classifier (regions.py): children of
+    the input's seed; SOFT and the search's PREDICTs per step, CONFIRM once."""
+    SOFT = 0      # step k of the attack on the soft classifier: derive_seed(input, SOFT, k, Batch tag)
+    SEARCH = 1    # round r's PREDICT: derive_seed(input, SEARCH, r)
+    CONFIRM = 2   # the one fresh PREDICT at the final point
 
 
 @unique

@@ -1,5 +1,6 @@
 """Slices of input space and the smoothed classifier's decision map on them (sdepure.regions)."""
 import pytest
+from scipy.stats import binom
 import torch
 
 from sdepure import regions
@@ -58,3 +59,102 @@ def test_decision_map_equals_predict_point_by_point():
     alone = [smooth.predict(points[i], 20, 0.01, 10, derive_seed(7, i)) for i in range(len(points))]
     assert labels.flatten().tolist() == alone
     assert {0, 1} <= set(alone) and ABSTAIN in alone, alone
+
+
+# -- the nearest change of a smoothed classifier, on a linear oracle ---------------------------
+# g is the halfspace itself: x . w > b, so the exact distance to g's change is the margin
+# |x . w - b| / |w|, reached along w.
+
+D, SIGMA, ALPHA = 16, 0.5, 0.001
+
+
+def linear_case(count, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(D, generator=g, dtype=torch.float64)
+    b = 0.3
+    unit = w / w.norm()
+    margins = (0.2 + 2.8 * torch.rand(count, generator=g, dtype=torch.float64)) * SIGMA
+    margins *= torch.where(torch.rand(count, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
+    along = torch.randn(count, D, generator=g, dtype=torch.float64)
+    along -= (along @ unit)[:, None] * unit
+    x = along + (b / w.norm() + margins)[:, None] * unit
+
+    def labels(batch, address):
+        return (batch @ w > b).long()
+
+    def logits(batch, address):  # a steep soft version of the same halfspace
+        z = 10 * (batch @ unit - b / w.norm()) / SIGMA
+        return torch.stack([torch.zeros_like(z), z], -1)
+
+    return w, x, margins, Smooth(labels, 2, SIGMA), logits
+
+
+def test_nearest_change_on_a_linear_classifier_finds_the_normal_and_bounds_the_margin():
+    """50 inputs at margins 0.1 to 1.5 (the certified ones): the attack's direction is the normal (cosine > 0.999),
+    every confirmed distance lies above the exact margin (a PREDICT of the other class inside it
+    is one of the alpha-rare failures: at most the Binomial slack) and within 0.3 of it, and the
+    certified radii lie below the margins and the confirmed distances."""
+    w, x, margins, smooth, logits = linear_case(50)
+    seeds = [derive_seed(5, i) for i in range(len(x))]
+    certified = [smooth.certify(x[i], 64, 400, ALPHA, 400, derive_seed(6, i)) for i in range(len(x))]
+    keep = [i for i, (c, _, _) in enumerate(certified) if c != ABSTAIN]
+    assert len(keep) >= 45 and all(certified[i][0] == int(margins[i] > 0) for i in keep)
+    x, margins, seeds = x[keep], margins[keep], [seeds[i] for i in keep]
+    labels, radii = [certified[i][0] for i in keep], [certified[i][1] for i in keep]
+    directions, rows = regions.nearest_change(smooth, logits, x, labels, seeds, max_radius=3.0, n=400,
+                                              alpha=ALPHA, batch=400, steps=20, m=8, rounds=10)
+    cosine = (directions @ (w / w.norm())).abs()
+    assert float(cosine.min()) > 0.999, cosine.min()
+    confirmed = [i for i, r in enumerate(rows) if r["status"] == "confirmed"]
+    assert len(confirmed) >= 40, [r["status"] for r in rows]
+    gap = torch.tensor([rows[i]["distance"] for i in confirmed], dtype=torch.float64) - margins[confirmed].abs()
+    slack = int(binom.isf(1e-6, len(confirmed), ALPHA))
+    assert int((gap < 0).sum()) <= slack and float(gap.max()) < 0.3, gap
+    summary = regions.against_diagonal(radii, rows, ALPHA, ALPHA)
+    assert summary["checked"] == len(confirmed) and summary["above"] <= summary["allowed"], summary
+    assert 0.5 < summary["median_ratio"] < 1, summary
+
+
+def test_a_search_does_not_depend_on_the_other_inputs():
+    w, x, margins, smooth, logits = linear_case(4, seed=1)
+    labels = (margins > 0).long().tolist()
+    seeds = [derive_seed(9, i) for i in range(4)]
+    directions, rows = regions.nearest_change(smooth, logits, x, labels, seeds, 3.0, 100, ALPHA, 100, steps=5, m=4,
+                                              rounds=4)
+    one_dir, one = regions.nearest_change(smooth, logits, x[2:3], labels[2:3], seeds[2:3], 3.0, 100, ALPHA, 100,
+                                          steps=5, m=4, rounds=4)
+    assert torch.equal(one_dir[0], directions[2]) and one[0] == rows[2]
+
+
+def test_no_change_within_the_search_radius_is_reported_as_such():
+    """Along the hyperplane g never changes: every search ends at the search radius, unconfirmed."""
+    w, x, margins, smooth, logits = linear_case(3, seed=2)
+    unit = w / w.norm()
+    parallel = torch.ones(D, dtype=torch.float64) - (torch.ones(D, dtype=torch.float64) @ unit) * unit
+    directions = (parallel / parallel.norm()).expand(3, D)
+    rows = regions.search_along(smooth, x, (margins > 0).long().tolist(), directions, [0.1] * 3, 0.4, 100, ALPHA,
+                                100, [1, 2, 3], rounds=3)
+    assert [r["status"] for r in rows] == ["none found"] * 3 and all(r["distance"] is None for r in rows)
+    assert all(r["lower"] == 0.4 for r in rows), rows
+
+
+def test_against_diagonal_counts_and_bounds():
+    rows = [{"status": "confirmed", "distance": 1.0}, {"status": "confirmed", "distance": 0.5},
+            {"status": "none found", "distance": None}, {"status": "not confirmed", "distance": 0.7},
+            {"status": "confirmed", "distance": 2.0}]
+    s = regions.against_diagonal([0.5, 0.6, 0.4, 0.3, 0.0], rows, 0.001, 0.001)
+    assert (s["certified"], s["checked"], s["above"], s["none_found"], s["not_confirmed"]) == (4, 2, 1, 1, 1)
+    assert s["median_ratio"] == pytest.approx((0.5 + 1.2) / 2)
+    assert s["allowed"] == int(binom.isf(1e-6, 2, 0.002))
+    with pytest.raises(SdepureError, match="radii for"):
+        regions.against_diagonal([0.5], rows, 0.001, 0.001)
+
+
+@pytest.mark.parametrize("case", ["labels", "radius"])
+def test_bad_search_input_is_one_clear_error(case):
+    w, x, margins, smooth, logits = linear_case(2)
+    with pytest.raises(SdepureError):
+        if case == "labels":
+            regions.nearest_change(smooth, logits, x, [0], [1, 2], 1.0, 10, ALPHA, 10)
+        else:
+            regions.search_along(smooth, x, [0, 1], x, [1, 1], 0.0, 10, ALPHA, 10, [1, 2])
