@@ -236,3 +236,22 @@ def against_diagonal(radii, rows: list[dict], alpha_certify: float, alpha_predic
             "none_found": int((certified & np.array([r["status"] == "none found" for r in rows])).sum()),
             "not_confirmed": int((certified & np.array([r["status"] == "not confirmed" for r in rows])).sum()),
             "median_ratio": float(np.median(ratio)) if len(ratio) else None}
+
+
+def choose_images(rows: list[dict]) -> dict[str, dict]:
+    """Images to slice, by rule, from a certify run's rows: the correct one with the largest
+    certified radius, the correct one with the smallest nonzero radius, and the first
+    misclassified one (a class other than its label), or the first abstention if none is."""
+    correct = [r for r in rows if r["correct"] and r["radius"] > 0]
+    wrong = [r for r in rows if r["predict"] not in (r["label"], ABSTAIN)]
+    if not correct:
+        raise SdepureError("no image of the run is certified correct; nothing to slice")
+    chosen = {"large radius": max(correct, key=lambda r: r["radius"]),
+              "small radius": min(correct, key=lambda r: r["radius"])}
+    if wrong:
+        chosen["misclassified"] = wrong[0]
+    else:
+        abstained = [r for r in rows if r["predict"] == ABSTAIN]
+        if abstained:
+            chosen["abstained"] = abstained[0]
+    return chosen

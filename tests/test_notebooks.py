@@ -50,7 +50,28 @@ def _check_robust_regions_gmm(nb, out_png: Path):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "figure not written to $" + OUT_ENV
 
 
-CHECKS = {"robust_regions_gmm": _check_robust_regions_gmm}
+def _check_robust_regions_digits(nb, out_png: Path):
+    lines = [ln for ln in _stdout(nb).splitlines() if ln.startswith("CHECK ")]
+    assert len(lines) == 1, "the notebook must print exactly one CHECK line"
+    s = json.loads(lines[0][len("CHECK "):])
+    assert s["size"] == "quick", s
+    # three images by rule, each sliced for three smoothed classifiers on a 7 x 7 grid
+    assert len(s["slices"]) == 3 and len(s["maps"]) == 9 and all(v == [7, 7] for v in s["maps"].values()), s
+    assert len(s["curves"]) == 4, s  # none, carlini, diffpure, densepure read back from their run directories
+    d = s["diagonal"]
+    assert d["inputs"] >= 4 and d["certified"] == d["inputs"], d
+    assert d["checked"] + d["none_found"] + d["not_confirmed"] == d["certified"], d
+    assert d["above"] <= d["allowed"], d  # certificates above a confirmed attack distance: within the slack
+    stem = out_png.with_suffix("")
+    for part in ("maps", "scatter", "curves"):
+        png = stem.with_name(f"{stem.name}-{part}.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png.name} not written next to ${OUT_ENV}"
+    rows = json.loads(stem.with_suffix(".json").read_text())["scatter"]
+    assert len(rows) == d["inputs"] and all(r["radius"] > 0 for r in rows), rows
+
+
+CHECKS = {"robust_regions_gmm": _check_robust_regions_gmm, "robust_regions_digits": _check_robust_regions_digits}
+SIZE_ENV = "SDEPURE_NOTEBOOK_SIZE"
 
 
 def test_expected_notebooks_present():
@@ -71,6 +92,7 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     nbformat, nbclient = _tools()
     out_png = tmp_path / f"{path.stem}.png"
     monkeypatch.setenv(OUT_ENV, str(out_png))  # the kernel inherits the environment
+    monkeypatch.setenv(SIZE_ENV, "quick")
     before = sorted(p.name for p in NOTEBOOK_DIR.iterdir())
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name=KERNEL,

@@ -158,3 +158,17 @@ def test_bad_search_input_is_one_clear_error(case):
             regions.nearest_change(smooth, logits, x, [0], [1, 2], 1.0, 10, ALPHA, 10)
         else:
             regions.search_along(smooth, x, [0, 1], x, [1, 1], 0.0, 10, ALPHA, 10, [1, 2])
+
+
+def test_choose_images_by_rule():
+    rows = [{"idx": 0, "label": 1, "predict": 1, "radius": 0.3, "correct": 1},
+            {"idx": 1, "label": 2, "predict": ABSTAIN, "radius": 0.0, "correct": 0},
+            {"idx": 2, "label": 3, "predict": 3, "radius": 0.9, "correct": 1},
+            {"idx": 3, "label": 4, "predict": 7, "radius": 0.5, "correct": 0},
+            {"idx": 4, "label": 5, "predict": 5, "radius": 0.1, "correct": 1}]
+    picked = {k: r["idx"] for k, r in regions.choose_images(rows).items()}
+    assert picked == {"large radius": 2, "small radius": 4, "misclassified": 3}
+    assert {k: r["idx"] for k, r in regions.choose_images(rows[:3]).items()} == {
+        "large radius": 2, "small radius": 0, "abstained": 1}
+    with pytest.raises(SdepureError, match="nothing to slice"):
+        regions.choose_images(rows[1:2])
