@@ -7,12 +7,12 @@ defense call for many points).
 
 The nearest change: an upper bound on how far g's prediction holds, to set beside CERTIFY's lower
 bound. An attack on the Monte Carlo soft classifier G(x) = E softmax(F(x + sigma z)) (Salman et
-al. 2019), by decoupled direction and norm (DDN, Rony et al. 2019), gives a direction; a search
-along it with PREDICT finds where g returns another class (an abstention is no change), and one
-fresh, independently seeded PREDICT confirms the final point: the many PREDICTs of the search can
-each err with probability alpha, the confirmation is one test at a point fixed before its draws.
-So a certified radius above a confirmed distance needs CERTIFY (alpha_C) or the confirmation
-(alpha_P) to have failed: across inputs at most Binomial(inputs, alpha_C + alpha_P) of them
+al. 2019), by decoupled direction and norm (DDN, Rony et al. 2019), gives candidate directions; a
+search along each with PREDICT finds where g returns another class (an abstention is no change),
+and one fresh, independently seeded PREDICT confirms the nearest point found: the many PREDICTs of
+the searches can each err, the confirmation is one test at a point fixed before its draws. So a
+certified radius above a confirmed distance needs CERTIFY (alpha_C) or the confirmation (alpha_P)
+to have failed: across inputs at most Binomial(inputs, alpha_C + alpha_P) of them
 (against_diagonal). Points are not clipped to the image range: the certificate holds in all of R^d.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ def attack_soft(logits_of: Logits, draws: Draws, xs: torch.Tensor, labels: torch
             top = probs.argmax(1)
             done = top == labels if toward else top != labels
             norms = _flat(delta).norm(dim=1)
-            better = done & (norms < best)
+            better = done & (norms > 0) & (norms < best)  # the unperturbed input is no attack
             best = torch.where(better, norms, best)
             best_delta[better] = delta[better]
             eps = torch.where(done, eps * (1 - gamma), eps * (1 + gamma))
@@ -129,21 +129,25 @@ def attack_soft(logits_of: Logits, draws: Draws, xs: torch.Tensor, labels: torch
     return best_delta, best
 
 
+def _changed(smooth: Smooth, xs, labels, directions, ps, ts, n, alpha, batch, seeds, rows):
+    """[(PREDICT at xs[p] + t u_p returns a class but labels[p], that PREDICT)] for p, t in ps, ts:
+    one predict_many; input p's PREDICT draws under seeds[k]."""
+    points = torch.stack([xs[p] + t * directions[p] for p, t in zip(ps, ts)])
+    got = smooth.predict_many(points, n, alpha, batch, seeds, rows)
+    return [(g != labels[p] and g != ABSTAIN, int(g)) for p, g in zip(ps, got)]
+
+
 def search_along(smooth: Smooth, xs: torch.Tensor, labels, directions: torch.Tensor, start, max_radius: float,
                  n: int, alpha: float, batch: int, seeds, rounds: int = 8, grow: float = 1.5,
-                 rows: int | None = None, search_alpha: float | None = None) -> list[dict]:
+                 rows: int | None = None) -> list[dict]:
     """For each input x_p, unit direction u_p: the distance t along u_p at which PREDICT (n draws,
     level alpha) returns a class other than labels[p] (an abstention is no change). From start[p]
-    the distance grows by `grow` up to max_radius until PREDICT changes (else "none found"), then
-    `rounds` bisection steps, then one fresh PREDICT at the final point ("confirmed" if it too
-    returns another class, else "not confirmed"). The search's PREDICTs run at the stricter
-    search_alpha (default alpha / 100): the bisection ends where they change about half the time,
-    where PREDICT at alpha mostly changes, so most final points confirm. Every step is one predict_many over all inputs
-    still searching; input p's k-th PREDICT draws under derive_seed(seeds[p], SEARCH, k) and the
-    confirmation under derive_seed(seeds[p], CONFIRM), so no result depends on the other inputs.
-    Rows: distance (the final point's t; an upper bound when confirmed), lower (the largest t seen
-    without a change), status, label (the confirmation's PREDICT), predicts (PREDICT calls)."""
-    search_alpha = alpha / 100 if search_alpha is None else search_alpha
+    the distance grows by `grow` up to max_radius until PREDICT changes (status "found", else
+    "none found"), then `rounds` bisection steps. Every step is one predict_many over all inputs
+    still searching; input p's k-th PREDICT draws under derive_seed(seeds[p], SEARCH, k), so no
+    result depends on the other inputs. Rows: distance (the final point's t, where PREDICT last
+    changed), lower (the largest t seen without a change), status, predicts (PREDICT calls). The
+    final point is not yet confirmed (confirm)."""
     if not max_radius > 0:
         raise SdepureError(f"the search radius must be > 0, got {max_radius}")
     count = xs.shape[0]
@@ -155,17 +159,13 @@ def search_along(smooth: Smooth, xs: torch.Tensor, labels, directions: torch.Ten
     lo = [0.0] * count
     hi = [min(float(t), max_radius) if math.isfinite(float(t)) and float(t) > 0 else max_radius for t in start]
     calls = [0] * count
-    out = [{"distance": None, "lower": 0.0, "status": "none found", "label": ABSTAIN, "predicts": 0}
-           for _ in range(count)]
 
-    def changed(ps, ts, tag=None):
-        points = torch.stack([xs[p] + t * directions[p] for p, t in zip(ps, ts)])
-        level = alpha if tag else search_alpha
-        got = smooth.predict_many(points, n, level, batch, [derive_seed(seeds[p], *(tag or (Search.SEARCH, calls[p])))
-                                                            for p in ps], rows)
+    def changed(ps, ts):
+        out = _changed(smooth, xs, labels, directions, ps, ts, n, alpha, batch,
+                       [derive_seed(seeds[p], Search.SEARCH, calls[p]) for p in ps], rows)
         for p in ps:
             calls[p] += 1
-        return [(g != labels[p] and g != ABSTAIN, g) for p, g in zip(ps, got)]
+        return out
 
     todo, found = list(range(count)), []
     while todo:  # bracket: grow until PREDICT changes or the search radius is reached
@@ -183,36 +183,82 @@ def search_along(smooth: Smooth, xs: torch.Tensor, labels, directions: torch.Ten
         mids = [(lo[p] + hi[p]) / 2 for p in found]
         for p, t, (c, _) in zip(found, mids, changed(found, mids)):
             lo[p], hi[p] = (lo[p], t) if c else (t, hi[p])
-    confirm = changed(found, [hi[p] for p in found], (Search.CONFIRM,)) if found else []
-    for p, (c, g) in zip(found, confirm):
-        out[p].update(distance=hi[p], status="confirmed" if c else "not confirmed", label=int(g))
-    for p in range(count):
-        out[p].update(lower=lo[p], predicts=calls[p])
+    return [{"distance": hi[p] if p in found else None, "lower": lo[p],
+             "status": "found" if p in found else "none found", "predicts": calls[p]} for p in range(count)]
+
+
+def confirm(smooth: Smooth, xs: torch.Tensor, labels, directions: torch.Tensor, found: list[dict], n: int,
+            alpha: float, batch: int, seeds, rows: int | None = None) -> list[dict]:
+    """One fresh PREDICT (level alpha, draws derive_seed(seeds[p], CONFIRM)) at each found point
+    xs[p] + distance u_p: status "confirmed" if it returns a class other than labels[p] (then
+    distance is an upper bound on how far g's prediction holds, unless this PREDICT erred,
+    probability <= alpha), else "not confirmed"; label: what it returned. Rows of "none found"
+    pass unchanged."""
+    labels = [int(c) for c in labels]
+    ps = [p for p, f in enumerate(found) if f["status"] == "found"]
+    out = [{**f, "label": ABSTAIN} for f in found]
+    if ps:
+        got = _changed(smooth, xs, labels, directions, ps, [found[p]["distance"] for p in ps], n, alpha, batch,
+                       [derive_seed(seeds[p], Search.CONFIRM) for p in ps], rows)
+        for p, (c, g) in zip(ps, got):
+            out[p].update(status="confirmed" if c else "not confirmed", label=g)
     return out
+
+
+def runner_up(logits_of: Logits, draws: Draws, xs: torch.Tensor, labels, sigma: float, m: int, seeds) -> list[int]:
+    """The soft smoothed classifier's most likely class at each input other than labels[p] (m
+    draws addressed by derive_seed(seeds[p], RUNNER_UP))."""
+    with torch.no_grad():
+        probs = soft_smoothed(logits_of, draws, xs, sigma, m, [derive_seed(s, Search.RUNNER_UP) for s in seeds])
+    probs[torch.arange(len(xs)), torch.as_tensor([int(c) for c in labels])] = -1.0
+    return probs.argmax(1).tolist()
 
 
 def nearest_change(smooth: Smooth, logits_of: Logits, xs: torch.Tensor, labels, seeds, max_radius: float,
                    n: int, alpha: float, batch: int, targets=None, steps: int = 40, m: int = 16,
-                   rounds: int = 8, rows: int | None = None, **ddn) -> tuple[torch.Tensor, list[dict]]:
-    """(unit directions, search_along's rows, each with soft_norm: the attack's norm, inf where the
-    soft classifier never changed) for inputs xs whose smoothed prediction is labels[p]. The
-    attack (attack_soft on `logits_of`, e.g. Defense.logits, with smooth's sigma and draws) moves
-    away from labels[p], or toward targets[p] when given (a misclassified image's true class);
-    the search along its direction starts at the attack's norm and stops at any class but
-    labels[p]. Input p's randomness all descends from seeds[p]."""
-    labels = torch.as_tensor([int(c) for c in labels], device=xs.device)
-    toward = targets is not None
-    goal = torch.as_tensor([int(c) for c in targets], device=xs.device) if toward else labels
-    deltas, norms = attack_soft(logits_of, smooth.draws, xs, goal, smooth.sigma, seeds, toward, steps, m, **ddn)
-    length = _flat(deltas).norm(dim=1)
-    if not bool((length > 0).all()):
-        raise SdepureError("the attack left an input unperturbed; raise steps or init_norm")
-    directions = deltas / length.reshape(-1, *([1] * (xs.dim() - 1)))
-    found = search_along(smooth, xs, labels.tolist(), directions, norms.tolist(), max_radius, n, alpha, batch,
-                         seeds, rounds, rows=rows)
-    for row, norm in zip(found, norms.tolist()):
-        row["soft_norm"] = norm
-    return directions, found
+                   rounds: int = 8, rows: int | None = None, search_alpha: float | None = None,
+                   **ddn) -> tuple[torch.Tensor, list[dict]]:
+    """(unit directions, rows) for inputs xs whose smoothed prediction is labels[p]: the closest
+    change of PREDICT to a class other than labels[p] that the attack found, confirmed once.
+    Candidate directions, each from attack_soft on `logits_of` (e.g. Defense.logits) with
+    smooth's sigma and draws: away from labels[p], and toward the soft classifier's runner-up
+    (moving away alone often ends where no class leads and PREDICT abstains); or, given
+    `targets`, only toward targets[p] (a misclassified image's true class). Each candidate is
+    searched (search_along, starting at the attack's norm) at the stricter level search_alpha
+    (default alpha / 1000), so the search ends where PREDICT at alpha mostly changes; the nearest
+    change over the candidates gets the one confirming PREDICT at alpha (confirm). One
+    confirmation per input keeps its error at alpha whatever the number of candidates.
+    Candidate c's randomness descends from derive_seed(seeds[p], CANDIDATE, c), the
+    confirmation's from seeds[p]. Rows as confirm's, with candidate (its name) and soft_norm (the attack's norm, inf
+    where the soft classifier never changed)."""
+    search_alpha = alpha / 1000 if search_alpha is None else search_alpha
+    labels = [int(c) for c in labels]
+    if targets is not None:
+        goals = {"toward target": ([int(c) for c in targets], True)}
+    else:
+        second = runner_up(logits_of, smooth.draws, xs, labels, smooth.sigma, max(m, 32), seeds)
+        goals = {"away": (labels, False), "toward runner-up": (second, True)}
+    best_dirs, best = None, None
+    for c, (name, (goal, toward)) in enumerate(goals.items()):
+        sub = [derive_seed(s, Search.CANDIDATE, c) for s in seeds]
+        deltas, norms = attack_soft(logits_of, smooth.draws, xs, torch.as_tensor(goal), smooth.sigma, sub, toward,
+                                    steps, m, **ddn)
+        length = _flat(deltas).norm(dim=1)
+        if not bool((length > 0).all()):
+            raise SdepureError("the attack left an input unperturbed; raise steps or init_norm")
+        dirs = deltas / length.reshape(-1, *([1] * (xs.dim() - 1)))
+        found = search_along(smooth, xs, labels, dirs, norms.tolist(), max_radius, n, search_alpha, batch, sub,
+                             rounds, rows=rows)
+        for f, norm in zip(found, norms.tolist()):
+            f.update(candidate=name, soft_norm=norm)
+        if best is None:
+            best_dirs, best = dirs.clone(), found
+            continue
+        for p, f in enumerate(found):
+            old = best[p]
+            if f["distance"] is not None and (old["distance"] is None or f["distance"] < old["distance"]):
+                best[p], best_dirs[p] = f, dirs[p]
+    return best_dirs, confirm(smooth, xs, labels, best_dirs, best, n, alpha, batch, seeds, rows)
 
 
 def against_diagonal(radii, rows: list[dict], alpha_certify: float, alpha_predict: float, level: float = 1e-6) -> dict:

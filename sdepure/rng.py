@@ -25,8 +25,9 @@ the selection).
                     -> AttackPhase.FIXED -> example i  derive_seed(phase, i)  (a draw seed)
                     -> AttackPhase.OPTIMISE, batch b  derive_seed(seed, OPTIMISE, b); AutoAttack's
                        seed (pyautoattack reseeds torch's generators with it at each attack)
-    search seed (an input of regions.nearest_change) -> Search.SOFT step k -> Batch.NOISE / BASE
-                                                     -> Search.SEARCH round r, Search.CONFIRM  (PREDICT seeds)
+    search seed (an input of regions.nearest_change) -> Search.CONFIRM, RUNNER_UP
+                                                     -> Search.CANDIDATE, c (a candidate direction)
+        candidate -> Search.SOFT step k -> Batch.NOISE / BASE; Search.SEARCH call k
     draw seed (one call of the defense) -> Draw.FORWARD (forward noise to t*), Draw.PATH
       path -> K > 1: run k's stream                  derive_seed(path, k)
               K = 1: the path is the stream itself
@@ -81,11 +82,13 @@ class AttackPhase(IntEnum):
 
 @unique
 class Search(IntEnum):
-    """The search for an input's nearest change of a smoothed classifier (regions.py): children of
-    the input's seed; SOFT and the search's PREDICTs per step, CONFIRM once."""
-    SOFT = 0      # step k of the attack on the soft classifier: derive_seed(input, SOFT, k, Batch tag)
-    SEARCH = 1    # round r's PREDICT: derive_seed(input, SEARCH, r)
-    CONFIRM = 2   # the one fresh PREDICT at the final point
+    """The search for an input's nearest change of a smoothed classifier (regions.py): CONFIRM and
+    RUNNER_UP are children of the input's seed, SOFT and SEARCH of a candidate direction's."""
+    SOFT = 0       # step k of the attack on the soft classifier: derive_seed(candidate, SOFT, k, Batch tag)
+    SEARCH = 1     # the search's k-th PREDICT: derive_seed(candidate, SEARCH, k)
+    CONFIRM = 2    # the one fresh PREDICT at the final point: derive_seed(input, CONFIRM)
+    RUNNER_UP = 3  # the soft classifier at the input, for the runner-up class
+    CANDIDATE = 4  # candidate direction c: derive_seed(input, CANDIDATE, c)
 
 
 @unique
