@@ -30,7 +30,6 @@ from .rng import Batch, Draws, Search, derive_seed, generator
 from .smoothing import ABSTAIN, Smooth
 
 Logits = Callable[[torch.Tensor, Streams], torch.Tensor]  # (noisy batch, rows' address) -> differentiable logits
-STATUSES = ("confirmed", "not confirmed", "none found")
 
 
 def slice_plane(x: torch.Tensor, direction: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,8 +129,8 @@ def attack_soft(logits_of: Logits, draws: Draws, xs: torch.Tensor, labels: torch
 
 
 def _changed(smooth: Smooth, xs, labels, directions, ps, ts, n, alpha, batch, seeds, rows):
-    """[(PREDICT at xs[p] + t u_p returns a class but labels[p], that PREDICT)] for p, t in ps, ts:
-    one predict_many; input p's PREDICT draws under seeds[k]."""
+    """[(PREDICT at xs[p] + t u_p returns a class but labels[p], that PREDICT)] for p, t in ps, ts
+    (labels[p] = ABSTAIN: any class), in one predict_many; the k-th point draws under seeds[k]."""
     points = torch.stack([xs[p] + t * directions[p] for p, t in zip(ps, ts)])
     got = smooth.predict_many(points, n, alpha, batch, seeds, rows)
     return [(g != labels[p] and g != ABSTAIN, int(g)) for p, g in zip(ps, got)]
@@ -223,7 +222,8 @@ def nearest_change(smooth: Smooth, logits_of: Logits, xs: torch.Tensor, labels, 
     Candidate directions, each from attack_soft on `logits_of` (e.g. Defense.logits) with
     smooth's sigma and draws: away from labels[p], and toward the soft classifier's runner-up
     (moving away alone often ends where no class leads and PREDICT abstains); or, given
-    `targets`, only toward targets[p] (a misclassified image's true class). Each candidate is
+    `targets`, only toward targets[p] (a misclassified image's true class; labels[p] may then be
+    ABSTAIN, and any class is a change). Each candidate is
     searched (search_along, starting at the attack's norm) at the stricter level search_alpha
     (default alpha / 1000), so the search ends where PREDICT at alpha mostly changes; the nearest
     change over the candidates gets the one confirming PREDICT at alpha (confirm). One
@@ -233,6 +233,12 @@ def nearest_change(smooth: Smooth, logits_of: Logits, xs: torch.Tensor, labels, 
     where the soft classifier never changed)."""
     search_alpha = alpha / 1000 if search_alpha is None else search_alpha
     labels = [int(c) for c in labels]
+    if len(labels) != xs.shape[0] or len(seeds) != xs.shape[0] or (targets is not None and len(targets) != len(labels)):
+        raise SdepureError(f"the search takes one label, seed (and target) per input; got {xs.shape[0]} inputs, "
+                           f"{len(labels)} labels, {len(seeds)} seeds" + (f", {len(targets)} targets" if targets else ""))
+    if targets is None and ABSTAIN in labels:
+        raise SdepureError("an input whose smoothed classifier abstains has no class to move away from; give "
+                           "targets (e.g. its true class)")
     if targets is not None:
         goals = {"toward target": ([int(c) for c in targets], True)}
     else:

@@ -172,3 +172,14 @@ def test_choose_images_by_rule():
         "large radius": 2, "small radius": 0, "abstained": 1}
     with pytest.raises(SdepureError, match="nothing to slice"):
         regions.choose_images(rows[1:2])
+
+
+def test_an_abstained_input_needs_a_target_and_then_any_class_is_a_change():
+    w, x, margins, smooth, logits = linear_case(2, seed=3)
+    with pytest.raises(SdepureError, match="give targets"):
+        regions.nearest_change(smooth, logits, x, [ABSTAIN, 0], [1, 2], 3.0, 100, ALPHA, 100)
+    other = (margins <= 0).long().tolist()
+    _, rows = regions.nearest_change(smooth, logits, x, [ABSTAIN] * 2, [1, 2], 3.0, 100, ALPHA, 100, targets=other,
+                                     steps=10, m=4, rounds=4)
+    assert all((r["status"] == "confirmed") == (r["label"] != ABSTAIN) for r in rows), rows
+    assert any(r["status"] == "confirmed" for r in rows), rows
