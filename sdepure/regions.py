@@ -26,7 +26,7 @@ from scipy.stats import binom
 
 from .brownian import Streams
 from .errors import SdepureError
-from .rng import Batch, Draws, Search, derive_seed, generator
+from .rng import Search, derive_seed, generator
 from .smoothing import ABSTAIN, Smooth
 
 Logits = Callable[[torch.Tensor, Streams], torch.Tensor]  # (noisy batch, rows' address) -> differentiable logits
@@ -77,18 +77,15 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def soft_smoothed(logits_of: Logits, draws: Draws, xs: torch.Tensor, sigma: float, m: int, seeds) -> torch.Tensor:
+def soft_smoothed(logits_of: Logits, smooth: Smooth, xs: torch.Tensor, m: int, seeds) -> torch.Tensor:
     """(inputs, classes) the Monte Carlo soft smoothed classifier: the mean over m draws z of
-    softmax(logits_of(x + sigma z)). Input p's noise is derive_seed(seeds[p], NOISE) and its rows
-    are addressed (derive_seed(seeds[p], BASE), j), whatever inputs share the call."""
-    noise = torch.stack([draws.randn((m, *xs.shape[1:]), derive_seed(s, Batch.NOISE), xs.device, xs.dtype)
-                         for s in seeds])
-    noisy = (xs.unsqueeze(1) + sigma * noise).reshape(-1, *xs.shape[1:])
-    address = Streams(tuple(derive_seed(s, Batch.BASE) for s in seeds for _ in range(m)), tuple(range(m)) * len(seeds), m)
+    softmax(logits_of(x + sigma z)), the copies made as smooth makes PREDICT's
+    (Smooth.noisy_copies): input p's under derive_seed(seeds[p], NOISE / BASE)."""
+    noisy, address = smooth.noisy_copies(xs, m, lambda p, tag: derive_seed(seeds[p], tag))
     return logits_of(noisy, address).softmax(-1).reshape(len(seeds), m, -1).mean(1)
 
 
-def attack_soft(logits_of: Logits, draws: Draws, xs: torch.Tensor, labels: torch.Tensor, sigma: float, seeds,
+def attack_soft(logits_of: Logits, smooth: Smooth, xs: torch.Tensor, labels: torch.Tensor, seeds,
                 toward: bool = False, steps: int = 40, m: int = 16, step: float = 0.5, init_norm: float = 1.0,
                 gamma: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """DDN on the soft smoothed classifier: each step ascends the log-probability of labels[p]
@@ -107,7 +104,7 @@ def attack_soft(logits_of: Logits, draws: Draws, xs: torch.Tensor, labels: torch
     best_delta = torch.zeros_like(xs)
     for k in range(steps):
         with torch.enable_grad():
-            probs = soft_smoothed(logits_of, draws, xs + delta, sigma, m, [derive_seed(s, Search.SOFT, k) for s in seeds])
+            probs = soft_smoothed(logits_of, smooth, xs + delta, m, [derive_seed(s, Search.SOFT, k) for s in seeds])
             logp = probs.clamp_min(1e-30).log().gather(1, labels[:, None])[:, 0]
             (grad,) = torch.autograd.grad((logp if toward else -logp).sum(), delta)
         with torch.no_grad():
@@ -204,11 +201,11 @@ def confirm(smooth: Smooth, xs: torch.Tensor, labels, directions: torch.Tensor, 
     return out
 
 
-def runner_up(logits_of: Logits, draws: Draws, xs: torch.Tensor, labels, sigma: float, m: int, seeds) -> list[int]:
+def runner_up(logits_of: Logits, smooth: Smooth, xs: torch.Tensor, labels, m: int, seeds) -> list[int]:
     """The soft smoothed classifier's most likely class at each input other than labels[p] (m
     draws addressed by derive_seed(seeds[p], RUNNER_UP))."""
     with torch.no_grad():
-        probs = soft_smoothed(logits_of, draws, xs, sigma, m, [derive_seed(s, Search.RUNNER_UP) for s in seeds])
+        probs = soft_smoothed(logits_of, smooth, xs, m, [derive_seed(s, Search.RUNNER_UP) for s in seeds])
     probs[torch.arange(len(xs)), torch.as_tensor([int(c) for c in labels])] = -1.0
     return probs.argmax(1).tolist()
 
@@ -235,24 +232,23 @@ def nearest_change(smooth: Smooth, logits_of: Logits, xs: torch.Tensor, labels, 
     labels = [int(c) for c in labels]
     if len(labels) != xs.shape[0] or len(seeds) != xs.shape[0] or (targets is not None and len(targets) != len(labels)):
         raise SdepureError(f"the search takes one label, seed (and target) per input; got {xs.shape[0]} inputs, "
-                           f"{len(labels)} labels, {len(seeds)} seeds" + (f", {len(targets)} targets" if targets else ""))
+                           f"{len(labels)} labels, {len(seeds)} seeds"
+                           + (f", {len(targets)} targets" if targets is not None else ""))
     if targets is None and ABSTAIN in labels:
         raise SdepureError("an input whose smoothed classifier abstains has no class to move away from; give "
                            "targets (e.g. its true class)")
     if targets is not None:
         goals = {"toward target": ([int(c) for c in targets], True)}
     else:
-        second = runner_up(logits_of, smooth.draws, xs, labels, smooth.sigma, max(m, 32), seeds)
+        second = runner_up(logits_of, smooth, xs, labels, max(m, 32), seeds)
         goals = {"away": (labels, False), "toward runner-up": (second, True)}
     best_dirs, best = None, None
     for c, (name, (goal, toward)) in enumerate(goals.items()):
         sub = [derive_seed(s, Search.CANDIDATE, c) for s in seeds]
-        deltas, norms = attack_soft(logits_of, smooth.draws, xs, torch.as_tensor(goal), smooth.sigma, sub, toward,
-                                    steps, m, **ddn)
-        length = _flat(deltas).norm(dim=1)
-        if not bool((length > 0).all()):
-            raise SdepureError("the attack left an input unperturbed; raise steps or init_norm")
-        dirs = deltas / length.reshape(-1, *([1] * (xs.dim() - 1)))
+        deltas, norms = attack_soft(logits_of, smooth, xs, torch.as_tensor(goal), sub, toward, steps, m, **ddn)
+        for p in (_flat(deltas).norm(dim=1) == 0).nonzero().flatten().tolist():  # no gradient: a random direction
+            deltas[p] = torch.randn(xs.shape[1:], generator=generator(sub[p]), dtype=xs.dtype).to(xs.device)
+        dirs = deltas / _flat(deltas).norm(dim=1).reshape(-1, *([1] * (xs.dim() - 1)))
         found = search_along(smooth, xs, labels, dirs, norms.tolist(), max_radius, n, search_alpha, batch, sub,
                              rounds, rows=rows)
         for f, norm in zip(found, norms.tolist()):
@@ -270,8 +266,8 @@ def nearest_change(smooth: Smooth, logits_of: Logits, xs: torch.Tensor, labels, 
 def against_diagonal(radii, rows: list[dict], alpha_certify: float, alpha_predict: float, level: float = 1e-6) -> dict:
     """Certified radii (0: abstained) against the searches' rows, one each. Checked: certified and
     confirmed. above: checked inputs whose radius exceeds the confirmed distance, each needing
-    CERTIFY or the confirmation to have failed; allowed: the count Binomial(checked, alpha_certify
-    + alpha_predict) exceeds with probability at most `level`. median_ratio: of radius to distance
+    CERTIFY or the confirmation to have failed; allowed: the count Binomial(certified,
+    alpha_certify + alpha_predict) exceeds with probability at most `level`. median_ratio: of radius to distance
     over the checked inputs (1: the certificate is tight; it is how loose it is)."""
     if len(radii) != len(rows):
         raise SdepureError(f"{len(radii)} radii for {len(rows)} searches")
@@ -281,7 +277,9 @@ def against_diagonal(radii, rows: list[dict], alpha_certify: float, alpha_predic
     checked = certified & confirmed
     distance = np.array([r["distance"] if r["distance"] is not None else np.nan for r in rows], dtype=float)
     above = checked & (radii > distance)
-    allowed = int(binom.isf(level, int(checked.sum()), alpha_certify + alpha_predict)) if checked.any() else 0
+    # each certified input fails (CERTIFY or its confirmation wrong) with probability <= alpha_C + alpha_P;
+    # counting over the confirmed ones only would select on the confirmations' own outcomes
+    allowed = int(binom.isf(level, int(certified.sum()), alpha_certify + alpha_predict)) if certified.any() else 0
     ratio = radii[checked] / distance[checked]
     return {"inputs": len(rows), "certified": int(certified.sum()), "checked": int(checked.sum()),
             "above": int(above.sum()), "allowed": allowed, "level": level,
@@ -298,8 +296,9 @@ def choose_images(rows: list[dict]) -> dict[str, dict]:
     wrong = [r for r in rows if r["predict"] not in (r["label"], ABSTAIN)]
     if not correct:
         raise SdepureError("no image of the run is certified correct; nothing to slice")
-    chosen = {"large radius": max(correct, key=lambda r: r["radius"]),
-              "small radius": min(correct, key=lambda r: r["radius"])}
+    chosen = {"large radius": max(correct, key=lambda r: r["radius"])}
+    if len(correct) > 1:
+        chosen["small radius"] = min(correct, key=lambda r: r["radius"])
     if wrong:
         chosen["misclassified"] = wrong[0]
     else:

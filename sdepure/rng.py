@@ -84,7 +84,7 @@ class AttackPhase(IntEnum):
 class Search(IntEnum):
     """The search for an input's nearest change of a smoothed classifier (regions.py): CONFIRM and
     RUNNER_UP are children of the input's seed, SOFT and SEARCH of a candidate direction's."""
-    SOFT = 0       # step k of the attack on the soft classifier: derive_seed(candidate, SOFT, k, Batch tag)
+    SOFT = 0       # step k of the attack on the soft classifier: derive_seed(candidate, SOFT, k), then Batch tags
     SEARCH = 1     # the search's k-th PREDICT: derive_seed(candidate, SEARCH, k)
     CONFIRM = 2    # the one fresh PREDICT at the final point: derive_seed(input, CONFIRM)
     RUNNER_UP = 3  # the soft classifier at the input, for the runner-up class

@@ -183,6 +183,16 @@ class Smooth:
         return [_decide(c, alpha) for c in self.counts_many(xs, n, batch, [derive_seed(int(s), Smoothing.PREDICT)
                                                                           for s in seeds], rows)]
 
+    def noisy_copies(self, xs: torch.Tensor, m: int, seed_of: Callable[[int, Batch], int]):
+        """(noisy (len(xs) m, ...), address): m noisy copies of each input, input-major, and the
+        base classifier's rows: input k's noise is drawn under seed_of(k, NOISE) and its copy j is
+        row j of seed_of(k, BASE). Differentiable in xs (the soft smoothed classifier's attack)."""
+        noise = torch.stack([self.draws.randn((m, *xs.shape[1:]), seed_of(k, Batch.NOISE), xs.device, xs.dtype)
+                             for k in range(len(xs))])
+        address = Streams(tuple(seed_of(k, Batch.BASE) for k in range(len(xs)) for _ in range(m)),
+                          tuple(range(m)) * len(xs), m)
+        return (xs.unsqueeze(1) + self.sigma * noise).reshape(-1, *xs.shape[1:]), address
+
     def counts_many(self, xs: torch.Tensor, num: int, batch: int, seeds, rows: int | None = None) -> np.ndarray:
         """(inputs, classes): sample_counts(xs[p], num, batch, seeds[p]) for every p, with the noisy
         copies of many inputs in one call of the base classifier (at most `rows` rows, default
@@ -198,10 +208,8 @@ class Smooth:
             group = max(1, (rows or batch) // m)
             for p0 in range(0, xs.shape[0], group):
                 ps = range(p0, min(p0 + group, xs.shape[0]))
-                noisy = torch.cat([xs[p].unsqueeze(0) + self.sigma * self.draws.randn(
-                    (m, *xs.shape[1:]), derive_seed(seeds[p], b, Batch.NOISE), xs.device, xs.dtype) for p in ps])
-                address = Streams(tuple(derive_seed(seeds[p], b, Batch.BASE) for p in ps for _ in range(m)),
-                                  tuple(range(m)) * len(ps), m)
+                noisy, address = self.noisy_copies(xs[p0:p0 + len(ps)], m,
+                                                   lambda k, tag: derive_seed(seeds[p0 + k], b, tag))
                 labels = self.base(noisy, address).cpu().numpy().reshape(len(ps), m)
                 for k, p in enumerate(ps):
                     counts[p] += np.bincount(labels[k], minlength=self.num_classes)

@@ -108,7 +108,7 @@ def test_nearest_change_on_a_linear_classifier_finds_the_normal_and_bounds_the_m
     confirmed = [i for i, r in enumerate(rows) if r["status"] == "confirmed"]
     assert len(confirmed) >= 40, [r["status"] for r in rows]
     gap = torch.tensor([rows[i]["distance"] for i in confirmed], dtype=torch.float64) - margins[confirmed].abs()
-    slack = int(binom.isf(1e-6, len(confirmed), ALPHA))
+    slack = int(binom.isf(1e-6, len(rows), ALPHA))  # over every searched input, not only the confirmed
     assert int((gap < 0).sum()) <= slack and float(gap.max()) < 0.3, gap
     summary = regions.against_diagonal(radii, rows, ALPHA, ALPHA)
     assert summary["checked"] == len(confirmed) and summary["above"] <= summary["allowed"], summary
@@ -145,7 +145,7 @@ def test_against_diagonal_counts_and_bounds():
     s = regions.against_diagonal([0.5, 0.6, 0.4, 0.3, 0.0], rows, 0.001, 0.001)
     assert (s["certified"], s["checked"], s["above"], s["none_found"], s["not_confirmed"]) == (4, 2, 1, 1, 1)
     assert s["median_ratio"] == pytest.approx((0.5 + 1.2) / 2)
-    assert s["allowed"] == int(binom.isf(1e-6, 2, 0.002))
+    assert s["allowed"] == int(binom.isf(1e-6, 4, 0.002))  # over the certified inputs
     with pytest.raises(SdepureError, match="radii for"):
         regions.against_diagonal([0.5], rows, 0.001, 0.001)
 
@@ -183,3 +183,27 @@ def test_an_abstained_input_needs_a_target_and_then_any_class_is_a_change():
                                      steps=10, m=4, rounds=4)
     assert all((r["status"] == "confirmed") == (r["label"] != ABSTAIN) for r in rows), rows
     assert any(r["status"] == "confirmed" for r in rows), rows
+
+
+def test_the_confirmation_draws_from_no_seed_of_the_search():
+    """Every PREDICT seed of the searches and of the confirmations, recorded: the confirmations'
+    seeds are their own (one per input) and none is a search's."""
+    w, x, margins, smooth, logits = linear_case(6, seed=4)
+    calls = []
+
+    class Recording(Smooth):
+        def predict_many(self, xs, n, alpha, batch, seeds, rows=None):
+            calls.append((alpha, list(seeds)))
+            return super().predict_many(xs, n, alpha, batch, seeds, rows)
+
+    recording = Recording(smooth.base, 2, SIGMA)
+    regions.nearest_change(recording, logits, x, (margins > 0).long().tolist(), [derive_seed(8, i) for i in range(6)],
+                           3.0, 100, ALPHA, 100, steps=5, m=4, rounds=3)
+    confirm = [s for a, seeds in calls if a == ALPHA for s in seeds]
+    search = [s for a, seeds in calls if a != ALPHA for s in seeds]
+    assert len(confirm) == len(set(confirm)) >= 1 and search and not set(confirm) & set(search)
+
+
+def test_choose_images_with_one_correct_image_slices_it_once():
+    rows = [{"idx": 0, "label": 1, "predict": 1, "radius": 0.3, "correct": 1}]
+    assert list(regions.choose_images(rows)) == ["large radius"]
