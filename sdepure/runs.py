@@ -456,13 +456,13 @@ def collect(dirs) -> tuple[dict, list[dict]]:
     return merged, rows
 
 
-def _gather(dirs: list[Path], records: list[dict], finished_rows, what: str) -> list[dict]:
-    """Every shard's rows (finished_rows(dir, record) refuses an unfinished one), no `what` in two
+def _gather(dirs: list[Path], records: list[dict], rows_of, what: str) -> list[dict]:
+    """Every shard's rows (rows_of(dir, record) refuses an unfinished one), no `what` in two
     shards, sorted by idx."""
     seen: dict[int, Path] = {}
     rows = []
     for d, rec in zip(dirs, records):
-        for r in finished_rows(d, rec):
+        for r in rows_of(d, rec):
             if r["idx"] in seen:
                 raise SdepureError(f"{what} {r['idx']} appears in both {seen[r['idx']]} and {d}")
             seen[r["idx"]] = d
@@ -475,7 +475,7 @@ def _collect_attack(dirs: list[Path], records: list[dict]) -> tuple[dict, list[d
     every n-th batch of it): every own batch finished, no example twice."""
     base = records[0]
 
-    def finished_rows(d, rec):
+    def finished_attack_rows(d, rec):
         if rec["images"] != base["images"]:
             raise SdepureError(f"cannot merge {dirs[0]} and {d}: they attack different examples")
         have = report.read_example_rows(Path(d) / report.EXAMPLES_FILE)
@@ -485,7 +485,7 @@ def _collect_attack(dirs: list[Path], records: list[dict]) -> tuple[dict, list[d
             raise SdepureError(f"{d} is unfinished ({len(finished)} of {len(own)} batches); "
                                f"finish it with sdepure attack --resume {d}")
         return have
-    rows = _gather(dirs, records, finished_rows, "example")
+    rows = _gather(dirs, records, finished_attack_rows, "example")
     return {**base, "shard": None, "world_size": 1}, rows
 
 
