@@ -102,3 +102,15 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     check = CHECKS.get(path.stem)
     if check is not None:
         check(nb, out_png)
+
+
+def test_digits_notebook_refuses_an_unknown_size(tmp_path, monkeypatch):
+    """A bad SDEPURE_NOTEBOOK_SIZE stops the setup cell with one clear message, before any work."""
+    nbformat, nbclient = _tools()
+    monkeypatch.setenv(SIZE_ENV, "huge")
+    monkeypatch.setenv(OUT_ENV, str(tmp_path / "out" / "fig.png"))
+    nb = nbformat.read(NOTEBOOK_DIR / "robust_regions_digits.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name=KERNEL, resources={"metadata": {"path": str(tmp_path)}})
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="SDEPURE_NOTEBOOK_SIZE='huge': choose quick or full"):
+        client.execute()
+    assert not (tmp_path / "out").exists()  # nothing made before the refusal
